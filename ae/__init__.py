@@ -1,0 +1,1 @@
+"""cae-train: a convolutional autoencoder on CIFAR-10, trained with FFCV and Accelerate."""

@@ -1,0 +1,31 @@
+"""One-line errors for bad input: every command-line tool reports them the same way."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
+
+R = TypeVar("R")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing or corrupt file). Printed as one line, exit 2."""
+
+
+def friendly_errors(main: Callable[..., R]) -> Callable[..., R]:
+    """Run a CLI entry point; turn UserError (and Ctrl-C) into a one-line message and a non-zero exit."""
+
+    @wraps(main)
+    def wrapper(*args, **kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+    return wrapper
