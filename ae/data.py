@@ -1,0 +1,175 @@
+"""Batches of uint8 CIFAR-10 images on the training device, from FFCV betons.
+
+Two sources serve training, with the same interface and, in one process, the same order:
+- `FFCVBatches`: FFCV's Loader streams each epoch from the beton (the default);
+- `DeviceResidentBatches`: the split is read once and kept on the device (`--data-on-device`).
+Both can start an epoch at any batch, which is how a mid-epoch resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+from data_prep.manifest import beton_path
+
+EVAL_BATCH_SIZE = 1000
+
+
+def default_workers(local_processes: int) -> int:
+    """FFCV decode threads per process: the CPUs shared among local processes, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_processes)))
+
+
+def _ffcv_loader(
+    path: Path,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    order: OrderOption,
+    seed: int = 0,
+    distributed: bool = False,
+    indices: np.ndarray | None = None,
+) -> Loader:
+    image_pipeline = [
+        SimpleRGBImageDecoder(),
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(),
+    ]
+    return Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=order,
+        seed=seed,
+        distributed=distributed,
+        indices=indices,
+        drop_last=False,
+        pipelines={"image": image_pipeline, "label": None},
+    )
+
+
+class FFCVBatches:
+    """Shuffled training batches streamed by FFCV, sharded across processes when distributed.
+
+    The order of epoch e depends only on (seed, e), so an epoch can be replayed from any batch.
+    Build it after the process group exists: FFCV reads rank and world size from torch.distributed.
+    """
+
+    def __init__(self, data_dir: Path, batch_size: int, device: torch.device, seed: int, workers: int):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.loader = _ffcv_loader(
+            beton_path(data_dir, "train"),
+            batch_size,
+            device,
+            workers,
+            OrderOption.RANDOM,
+            seed=seed,
+            distributed=distributed and torch.distributed.get_world_size() > 1,
+        )
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """Yield the batches of `epoch` from `start_batch` on, each uint8 N,3,H,W on the device."""
+        loader = self.loader
+        loader.next_epoch = epoch
+        order = loader.next_traversal_order()[start_batch * self.batch_size :]
+        iterator = EpochIterator(loader, order)
+        try:
+            for (images,) in iterator:
+                yield images
+        finally:
+            iterator.close()
+
+
+class DeviceResidentBatches:
+    """The training split held on the device as uint8 and shuffled there each epoch.
+
+    Each process keeps only its shard (every world_size-th image, padded to equal length so all
+    ranks take the same number of steps). The epoch's permutation comes from (seed, epoch), the same
+    generator FFCV uses, so one process sees exactly FFCV's order.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        count: int,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ):
+        images = read_split(data_dir, "train", count, torch.device("cpu"))
+        shard = np.arange(rank, len(images), world_size)
+        padded_len = -(-len(images) // world_size)
+        shard = np.resize(shard, padded_len)
+        self.images = images[torch.from_numpy(shard)].to(device)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        permutation = np.random.default_rng(self.seed + epoch).permutation(len(self.images))
+        order = torch.from_numpy(permutation).to(self.images.device, non_blocking=True)
+        for batch in range(start_batch, len(self)):
+            yield self.images[order[batch * self.batch_size : (batch + 1) * self.batch_size]]
+
+
+def test_shard(count: int, rank: int, world_size: int) -> np.ndarray:
+    """This process's contiguous part of the test split: together the parts cover it exactly once."""
+    return np.array_split(np.arange(count, dtype=np.uint64), world_size)[rank]
+
+
+def test_batches(
+    data_dir: Path, count: int, device: torch.device, rank: int = 0, world_size: int = 1, workers: int = 1
+) -> Iterable[torch.Tensor]:
+    """Batches of this process's shard of the test split (`count` images), in file order."""
+    return _ImagesOnly(
+        _ffcv_loader(
+            beton_path(data_dir, "test"),
+            EVAL_BATCH_SIZE,
+            device,
+            workers,
+            OrderOption.SEQUENTIAL,
+            indices=test_shard(count, rank, world_size),
+        )
+    )
+
+
+class _ImagesOnly:
+    """Iterate an FFCV loader whose only field is `image`, yielding the tensors themselves."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for (images,) in self.loader:
+            yield images
+
+
+def read_split(data_dir: Path, split: str, count: int, device: torch.device) -> torch.Tensor:
+    """The first `count` images of a split as one contiguous uint8 N,3,H,W tensor on `device`."""
+    loader = _ffcv_loader(
+        beton_path(data_dir, split),
+        EVAL_BATCH_SIZE,
+        torch.device("cpu"),
+        1,
+        OrderOption.SEQUENTIAL,
+        indices=np.arange(count, dtype=np.uint64),
+    )
+    return torch.cat([images.contiguous() for images in _ImagesOnly(loader)]).to(device)

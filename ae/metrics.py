@@ -1,0 +1,88 @@
+"""Reconstruction quality: BCE (with its floor), MSE and PSNR over a whole split.
+
+Training (`ae.trainer`) and `python -m ae.evaluate` share this code, so their numbers agree.
+Sums are accumulated on the device; the caller reduces them across processes once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ae.noise import Corruption, noise_generator
+
+EVAL_SEED = 20_240_101  # fixed noise for test metrics, so evaluations are comparable across steps
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float32 in [0, 1], on the images' device."""
+    return images.float().div_(255.0)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy in fp32; safe under autocast, unlike nn.BCELoss."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def psnr_db(mse: float) -> float:
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+@torch.no_grad()
+def split_sums(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    noise: Corruption | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> torch.Tensor:
+    """Sum BCE, squared error and element count (and noisy-input squared error) over uint8 batches.
+
+    Returns a float64 device tensor [bce_sum, sq_err_sum, n_elements, noisy_sq_err_sum]; nothing
+    is read back to the host here.
+    """
+    sums: torch.Tensor | None = None
+    for index, images in enumerate(batches):
+        clean = to_unit_float(images)
+        inputs = clean
+        if noise is not None:
+            inputs = noise.apply(clean, noise_generator(clean.device, EVAL_SEED, 0, index))
+        with autocast():
+            logits = model(inputs)
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="sum")
+        sq_err = (torch.sigmoid(logits) - clean).square().sum()
+        noisy_sq_err = (inputs - clean).square().sum()
+        batch_sums = torch.stack([bce, sq_err, clean.new_tensor(clean.numel()), noisy_sq_err]).double()
+        sums = batch_sums if sums is None else sums + batch_sums
+    if sums is None:
+        raise ValueError("no test batches to evaluate")
+    return sums
+
+
+def summarize(sums: torch.Tensor, bce_floor: float, noisy: bool) -> dict[str, float]:
+    """Turn (already reduced) sums into the test metrics, keyed as logged: `bce`, `psnr_db`, ..."""
+    bce_sum, sq_err_sum, count, noisy_sq_err_sum = sums.tolist()
+    mse = sq_err_sum / count
+    metrics = {
+        "bce": bce_sum / count,
+        "bce_floor": bce_floor,
+        "bce_excess": bce_sum / count - bce_floor,
+        "mse": mse,
+        "psnr_db": psnr_db(mse),
+    }
+    if noisy:
+        metrics["noisy_psnr_db"] = psnr_db(noisy_sq_err_sum / count)
+        metrics["denoise_gain_db"] = metrics["psnr_db"] - metrics["noisy_psnr_db"]
+    return metrics
+
+
+def reconstruction_grid(rows: list[torch.Tensor], scale: int = 4) -> torch.Tensor:
+    """Stack rows of images (each N,3,H,W in [0,1]) into one uint8 HWC grid, upscaled for viewing."""
+    grid = torch.cat([torch.cat(list(row.float().clamp(0, 1).cpu()), dim=2) for row in rows], dim=1)
+    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
