@@ -1,0 +1,116 @@
+"""Atomic, verified checkpoints in OUT/checkpoints/step_XXXXXXX/.
+
+A checkpoint is Accelerate's `save_state` (model, optimizer, grad scaler, every process's RNG)
+plus `trainer_state.json` (step, epoch position, recipe) and `MANIFEST.json` (size and sha256 of
+each file). It is written into a hidden temp folder, fsynced, and renamed into place, so a crash
+leaves either the whole checkpoint or none. On resume, checkpoints whose manifest does not verify
+are skipped with a warning and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from ae.errors import UserError
+from ae.files import atomic_write, fsync_dir
+from ae.tracking import warn
+from data_prep.manifest import sha256_file
+
+MANIFEST = "MANIFEST.json"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d{7,})$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+
+
+def problem_with(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be trusted, or None if every file matches its manifest."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+        for name, expected in manifest["files"].items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["size"]:
+                return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+            if sha256_file(path) != expected["sha256"]:
+                return f"{name} does not match its checksum"
+        json.loads((checkpoint / STATE).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its manifest or state is unreadable ({type(err).__name__})"
+    return None
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; warn about each newer one that does not.
+
+    Raises UserError when checkpoints exist but none verifies (the caller decides about --fresh).
+    """
+    candidates = checkpoint_dirs(root)
+    for checkpoint in candidates:
+        problem = problem_with(checkpoint)
+        if problem is None:
+            return checkpoint
+        warn(f"skipping checkpoint {checkpoint}: {problem}")
+    if candidates:
+        raise UserError(
+            f"no usable checkpoint in {root} ({len(candidates)} found, none verifies); "
+            "pass --fresh to start over"
+        )
+    return None
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE).read_text())
+
+
+def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Save a checkpoint for `step` (every process calls this) and keep only the newest `keep`."""
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write(tmp / STATE, json.dumps(state, indent=2).encode())
+            _write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            for old in checkpoint_dirs(root)[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = next((str(p) for p in checkpoint_dirs(root) if p != final), "none")
+        raise UserError(
+            f"could not write checkpoint {final}: {err.strerror or err}; previous checkpoint ({previous}) is intact"
+        ) from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    atomic_write(folder / MANIFEST, json.dumps({"files": files}, indent=2).encode())

@@ -1,0 +1,508 @@
+"""The training loop: one `Trainer` owns the model, data, metrics, checkpoints and W&B.
+
+Per step it only launches work on the device: the loss and the non-finite count are accumulated
+there and read back once every `--log-every` steps. Resuming is automatic from OUT/checkpoints/,
+and SIGUSR1/SIGTERM end the run cleanly at a step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import closing
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, AutocastKwargs, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from ae import checkpoint
+from ae.config import TrainConfig
+from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, read_split, test_batches
+from ae.errors import UserError
+from ae.fast import CudaGraphStep
+from ae.files import atomic_write
+from ae.metrics import bce_loss, reconstruction_grid, split_sums, summarize, to_unit_float
+from ae.model import ConvAutoencoder, layer_summary
+from ae.noise import noise_generator, parse_noise
+from ae.tracking import RunLogger, default_wandb_mode
+from data_prep.manifest import load_manifest, verify_beton
+
+GRID_IMAGES = 16
+STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
+RECIPE_KEYS = ("lr", "batch_size", "seed", "noise", "world_size", "train_data")
+
+
+def _say(message: str) -> None:
+    print(f"[cae-train] {message}", flush=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.noise = parse_noise(cfg.noise)
+        self.wandb_mode = cfg.wandb_mode or default_wandb_mode()
+        self.accelerator = Accelerator(
+            cpu=cfg.cpu,
+            mixed_precision=cfg.mixed_precision,
+            log_with="wandb" if self.wandb_mode != "disabled" else None,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        self.world_size = acc.num_processes
+        self.rank = acc.process_index
+        if acc.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise UserError("--mixed-precision fp16 needs a GPU: use bf16 or no on the CPU")
+        _say(
+            f"rank {self.rank}/{self.world_size} node_rank={os.environ.get('GROUP_RANK', '0')} "
+            f"host={socket.gethostname()} device={self.device}"
+        )
+
+        self.manifest = load_manifest(cfg.data)
+        for split in ("train", "test"):
+            verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
+        self.out = cfg.out
+        self.checkpoints = self.out / "checkpoints"
+        self._prepare_out_dir()
+
+        set_seed(cfg.seed)
+        model = ConvAutoencoder()
+        if acc.is_main_process:
+            print(layer_summary(model), flush=True)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused, capturable=fused)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        train_count = self.manifest["splits"]["train"]["count"]
+        test_count = self.manifest["splits"]["test"]["count"]
+        if cfg.data_on_device:
+            self.batches = DeviceResidentBatches(
+                cfg.data, train_count, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
+            )
+        else:
+            self.batches = FFCVBatches(cfg.data, cfg.batch_size, self.device, cfg.seed, workers)
+        self.test_batches = test_batches(
+            cfg.data, test_count, self.device, self.rank, self.world_size, workers
+        )
+        self.grid_images = read_split(cfg.data, "test", min(GRID_IMAGES, test_count), self.device)
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.recipe = {
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "noise": str(self.noise) if self.noise else None,
+            "world_size": self.world_size,
+            "train_data": self.manifest["splits"]["train"]["sha256"],
+        }
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.last_eval_step = -1
+        self.last_checkpoint_step = -1
+        self.final_metrics: dict[str, float] | None = None
+        self._resume()
+
+        self.fast_step = self._make_fast_step()
+        self.logger = RunLogger(
+            acc, self.out, self.wandb_mode, cfg.wandb_project, self._run_config(), self.step
+        )
+
+        # Device-side accumulators, read back only at log time.
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.bad_steps = torch.zeros((), device=self.device)
+        self.first_bad_step = torch.full((), -1.0, device=self.device)
+        self.step_tensor = torch.full((), float(self.step), device=self.device)
+        self.stop_signal: str | None = None
+
+    # ----------------------------------------------------------------- setup
+
+    def _prepare_out_dir(self) -> None:
+        """Fail early, with one line, if --out cannot be written; --fresh discards the old run."""
+        if self.accelerator.is_main_process:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe = self.out / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            except OSError as err:
+                raise UserError(
+                    f"--out {self.out} is not writable ({err.strerror}): choose another folder"
+                ) from None
+            if self.cfg.fresh:
+                for name in ("checkpoints", "reconstructions", "wandb"):
+                    shutil.rmtree(self.out / name, ignore_errors=True)
+                for name in ("metrics.jsonl", "model.safetensors", "wandb_run_id.txt"):
+                    (self.out / name).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> None:
+        if self.cfg.fresh:
+            return
+        latest = checkpoint.latest_valid(self.checkpoints)
+        if latest is None:
+            return
+        state = checkpoint.read_state(latest)
+        changed = [
+            f"{key} {state['recipe'].get(key)!r} → {self.recipe[key]!r}"
+            for key in RECIPE_KEYS
+            if state["recipe"].get(key) != self.recipe[key]
+        ]
+        if changed:
+            raise UserError(
+                f"{self.out} holds a run with another recipe ({'; '.join(changed)}): "
+                "keep the recipe, use a new --out, or pass --fresh"
+            )
+        self.accelerator.load_state(str(latest))
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.last_checkpoint_step = self.step
+        self.last_eval_step = state["last_eval_step"]
+        if self.accelerator.is_main_process:
+            _say(f"resuming from {latest} (step {self.step}, epoch {self._epoch_of(self.step)})")
+
+    def _make_fast_step(self) -> CudaGraphStep | None:
+        if not self.cfg.fast:
+            return None
+        reason = None
+        if self.device.type != "cuda":
+            reason = "no GPU: --fast needs CUDA, training eagerly"
+        elif self.accelerator.mixed_precision == "fp16":
+            reason = "fp16 needs the grad scaler, which syncs every step: --fast falls back to eager"
+        elif self.world_size > 1:
+            reason = "several processes: --fast uses eager DDP (no CUDA-graph capture across ranks)"
+        elif self.cfg.on_nan == "skip" or self.cfg.inject_nan_at_step is not None:
+            reason = "--on-nan skip runs eagerly"
+        if reason:
+            if self.accelerator.is_main_process:
+                _say(f"note: {reason}")
+            return None
+        graph_safe_autocast = AutocastKwargs(cache_enabled=False)
+        return CudaGraphStep(
+            self.forward,
+            self.optimizer,
+            lambda: self.accelerator.autocast(graph_safe_autocast),
+            self.cfg.batch_size,
+            self.noise,
+            self.cfg.seed,
+        )
+
+    def _run_config(self) -> dict[str, Any]:
+        return {
+            **self.cfg.as_dict(),
+            "world_size": self.world_size,
+            "global_batch_size": self.cfg.batch_size * self.world_size,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "git_commit": _git_commit(),
+            "data_manifest": self.manifest,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def _epoch_of(self, step: int) -> int:
+        """1-based epoch that `step` (optimizer steps done) belongs to."""
+        return max(1, math.ceil(step / self.steps_per_epoch))
+
+    def fit(self) -> None:
+        acc = self.accelerator
+        previous_handlers = {
+            sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
+        }
+        started = time.perf_counter()
+        self.train_seconds = 0.0
+        self.images_trained = 0
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not acc.is_main_process,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self._start_window()
+        try:
+            while self.step < self.total_steps and not self.stop_signal:
+                epoch_index, start_batch = divmod(self.step, self.steps_per_epoch)
+                with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
+                    for images in epoch_batches:
+                        self._train_step(images)
+                        progress.update(1)
+                        if self._after_step():
+                            break
+                if self.step % self.steps_per_epoch == 0 and not self.stop_signal:
+                    self._evaluate()
+                    self._save_checkpoint()
+            if self.stop_signal:
+                self._save_checkpoint()
+                if acc.is_main_process:
+                    _say(
+                        f"stopped by {self.stop_signal} at step {self.step}; checkpoint saved in "
+                        f"{self.checkpoints}. Rerun the same command to resume."
+                    )
+                return
+            if self.final_metrics is None:  # the run was already complete: report, do not log again
+                _say(
+                    f"{self.out} is already complete at step {self.step}; raise --max-steps or --epochs to extend it"
+                )
+                self._test_metrics()
+            self._evaluate()
+            self._save_checkpoint()
+            self._save_model()
+            self._summary(time.perf_counter() - started)
+        finally:
+            progress.close()
+            self.logger.finish()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        if not self.stop_signal:
+            self.stop_signal = signal.Signals(signum).name
+            print(
+                f"[cae-train] {self.stop_signal} received: finishing the step and saving a checkpoint",
+                flush=True,
+            )
+
+    def _after_step(self) -> bool:
+        """Periodic work after a step; True when the epoch loop should stop early."""
+        cfg, step = self.cfg, self.step
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            self._log_train()
+        if self.world_size > 1 and step % STOP_SYNC_EVERY == 0:
+            self._agree_on_stop()
+        if self.stop_signal:
+            return True
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self._evaluate()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self._save_checkpoint()
+        return step >= self.total_steps
+
+    def _agree_on_stop(self) -> None:
+        """All ranks stop at the same step if any of them received a signal."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        if self.accelerator.reduce(flag, "sum").item() > 0 and not self.stop_signal:
+            self.stop_signal = "a signal to another rank"
+
+    def _train_step(self, images: torch.Tensor) -> None:
+        self.step += 1
+        self.images_trained += images.shape[0] * self.world_size
+        if self.fast_step is not None and images.shape[0] == self.cfg.batch_size:
+            loss = self.fast_step(images, self.step)
+        else:
+            loss = self._eager_step(images)
+        self.step_tensor += 1
+        bad = ~torch.isfinite(loss)
+        self.bad_steps += bad
+        self.first_bad_step = torch.where(
+            bad & (self.first_bad_step < 0), self.step_tensor, self.first_bad_step
+        )
+        self.loss_sum += torch.where(bad, torch.zeros_like(loss), loss)
+
+    def _eager_step(self, images: torch.Tensor) -> torch.Tensor:
+        clean = to_unit_float(images)
+        inputs = clean
+        if self.noise is not None:
+            inputs = self.noise.apply(
+                clean, noise_generator(self.device, self.cfg.seed, self.rank, self.step)
+            )
+        with self.accelerator.autocast():
+            logits = self.forward(inputs)
+        loss = bce_loss(logits, clean)
+        if self.step == self.cfg.inject_nan_at_step:
+            loss = loss * float("nan")
+        self.accelerator.backward(loss)
+        if self.cfg.on_nan == "skip":
+            self._guarded_optimizer_step(torch.isfinite(loss))
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _guarded_optimizer_step(self, finite: torch.Tensor) -> None:
+        """Take the optimizer step, then undo it on the device if the loss was not finite (no sync)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        state_before = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in params}
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                p.copy_(torch.where(finite, p, old))
+                for key, value in self.optimizer.state[p].items():
+                    old_value = state_before[id(p)].get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(finite.to(value.device), value, old_value))
+
+    # --------------------------------------------------------------- logging
+
+    def _now(self) -> Any:
+        """A timestamp for step timing: a recorded CUDA event on the GPU, else the host clock."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _seconds_since(self, mark: Any) -> float:
+        """Seconds of device work since `mark`; on the GPU this waits for it (once per window)."""
+        if self.device.type == "cuda":
+            end = self._now()
+            end.synchronize()
+            return mark.elapsed_time(end) / 1000.0
+        return time.perf_counter() - mark
+
+    def _start_window(self) -> None:
+        """Start a logging window: train loss, step time and throughput are averaged over it."""
+        self.window_first_step = self.step
+        self.window_first_image = self.images_trained
+        self.window_seconds = 0.0
+        self.window_mark = self._now()
+
+    def _pause_window(self) -> None:
+        """Stop the clock while evaluating or checkpointing, so step time is training alone."""
+        self.window_seconds += self._seconds_since(self.window_mark)
+
+    def _resume_window(self) -> None:
+        self.window_mark = self._now()
+
+    def _log_train(self) -> None:
+        self._pause_window()
+        steps = self.step - self.window_first_step
+        loss_sum = self.accelerator.reduce(self.loss_sum.clone(), "sum").item()
+        bad_steps = self._count_nonfinite_steps()
+        self.skipped_steps += bad_steps
+        seconds = self.window_seconds
+        self.train_seconds += seconds
+        finite_steps = steps * self.world_size - bad_steps
+        record = {
+            "train/loss": loss_sum / finite_steps if finite_steps > 0 else float("nan"),
+            "train/step_time_ms": 1000.0 * seconds / max(1, steps),
+            "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
+            if seconds
+            else 0.0,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/epoch": self.step / self.steps_per_epoch,
+        }
+        if self.cfg.on_nan == "skip":
+            record["train/skipped_steps"] = self.skipped_steps
+        self.logger.log(record, self.step, self._epoch_of(self.step))
+        self.loss_sum.zero_()
+        self.bad_steps.zero_()
+        self.first_bad_step.fill_(-1.0)
+        self._start_window()
+
+    def _count_nonfinite_steps(self) -> int:
+        """Steps with a non-finite loss since the last log, over all ranks; `--on-nan stop` ends the run."""
+        bad_steps = int(self.accelerator.reduce(self.bad_steps.clone(), "sum").item())
+        if bad_steps and self.cfg.on_nan == "stop":
+            first = min(s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0)
+            raise UserError(
+                f"non-finite loss at step {int(first)}: stopped without saving; the last good checkpoint in "
+                f"{self.checkpoints} is untouched (lower --lr, or pass --on-nan skip)"
+            )
+        return bad_steps
+
+    # ------------------------------------------------------ eval and saving
+
+    def _evaluate(self) -> None:
+        """Test metrics over the whole test split, logged with the reconstruction grid."""
+        if self.last_eval_step == self.step:
+            return
+        self._pause_window()
+        metrics, grid = self._test_metrics()
+        self.last_eval_step = self.step
+        self.logger.log(
+            {f"test/{k}": v for k, v in metrics.items()}, self.step, self._epoch_of(self.step), grid
+        )
+        self._resume_window()
+
+    def _test_metrics(self) -> tuple[dict[str, float], Any]:
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        model.eval()
+        sums = split_sums(model, self.test_batches, self.noise, acc.autocast)
+        metrics = summarize(
+            acc.reduce(sums, "sum"),
+            self.manifest["splits"]["test"]["bce_floor"],
+            noisy=self.noise is not None,
+        )
+        grid = None
+        if acc.is_main_process:
+            clean = to_unit_float(self.grid_images)
+            rows = [clean]
+            if self.noise is not None:
+                noisy = self.noise.apply(clean, noise_generator(self.device, 0, 0, 0))
+                rows = [noisy, model.reconstruct(noisy), clean]
+            else:
+                rows.append(model.reconstruct(clean))
+            grid = reconstruction_grid(rows).numpy()
+        model.train()
+        self.final_metrics = metrics
+        return metrics, grid
+
+    def _save_checkpoint(self) -> None:
+        if self.last_checkpoint_step == self.step:
+            return
+        self._pause_window()
+        self._count_nonfinite_steps()  # with --on-nan stop, never checkpoint non-finite weights
+        state = {
+            "step": self.step,
+            "epoch": self._epoch_of(self.step),
+            "batch_in_epoch": self.step % self.steps_per_epoch,
+            "skipped_steps": self.skipped_steps,
+            "last_eval_step": self.last_eval_step,
+            "recipe": self.recipe,
+        }
+        checkpoint.save(self.accelerator, self.checkpoints, self.step, state, self.cfg.keep_checkpoints)
+        self.last_checkpoint_step = self.step
+        self._resume_window()
+
+    def _save_model(self) -> None:
+        """The final weights, as OUT/model.safetensors (written atomically by the main process)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            weights = {
+                k: v.detach().float().cpu().contiguous()
+                for k, v in acc.unwrap_model(self.model).state_dict().items()
+            }
+            atomic_write(
+                self.out / "model.safetensors",
+                safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}),
+            )
+        acc.wait_for_everyone()
+
+    def _summary(self, wall_seconds: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        m = self.final_metrics
+        rate = self.images_trained / self.train_seconds if self.train_seconds else 0.0
+        _say(
+            f"done: {self.step} steps ({self.step / self.steps_per_epoch:.2f} epochs) in {wall_seconds:.1f} s wall, "
+            f"{rate:,.0f} images/s; test bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "
+            f"mse {m['mse']:.5f}, psnr {m['psnr_db']:.2f} dB"
+            + (f", denoise gain {m['denoise_gain_db']:.2f} dB" if "denoise_gain_db" in m else "")
+            + f" → {self.out / 'model.safetensors'}"
+        )
