@@ -7,9 +7,13 @@ Rerunning the same command with the same --out resumes from the latest checkpoin
 `python train.py --help` lists the flags; the defaults are the study's recipe.
 """
 
-from ae.config import parse_args
-from ae.errors import friendly_errors
-from ae.trainer import Trainer
+from ae.launch import relaunch_cpu_processes_if_needed
+
+relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
+
+from ae.config import parse_args  # noqa: E402
+from ae.errors import friendly_errors  # noqa: E402
+from ae.trainer import Trainer  # noqa: E402
 
 
 @friendly_errors

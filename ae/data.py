@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,22 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from data_prep.manifest import beton_path
 
 EVAL_BATCH_SIZE = 1000
+# torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.
+_TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+torch.set_num_threads(_TORCH_THREADS)
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """FFCV sets numba's thread count, which (sharing OpenMP with torch) also changes torch's.
+
+    Left alone, evaluation would change how many threads training steps use, and with that the
+    order of float reductions: a resumed run would then not be bit-identical to an uninterrupted one.
+    """
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_TORCH_THREADS)
 
 
 def default_workers(local_processes: int) -> int:
@@ -45,17 +62,18 @@ def _ffcv_loader(
         ToDevice(device, non_blocking=True),
         ToTorchImage(),
     ]
-    return Loader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=workers,
-        order=order,
-        seed=seed,
-        distributed=distributed,
-        indices=indices,
-        drop_last=False,
-        pipelines={"image": image_pipeline, "label": None},
-    )
+    with _torch_threads_kept():
+        return Loader(
+            str(path),
+            batch_size=batch_size,
+            num_workers=workers,
+            order=order,
+            seed=seed,
+            distributed=distributed,
+            indices=indices,
+            drop_last=False,
+            pipelines={"image": image_pipeline, "label": None},
+        )
 
 
 class FFCVBatches:
@@ -158,7 +176,9 @@ class _ImagesOnly:
         self.loader = loader
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for (images,) in self.loader:
+        with _torch_threads_kept():
+            iterator = iter(self.loader)
+        for (images,) in iterator:
             yield images
 
 

@@ -60,6 +60,10 @@ def _git_commit() -> str | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.stop_signal: str | None = None
+        self.previous_handlers = {
+            sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
+        }
         self.noise = parse_noise(cfg.noise)
         self.wandb_mode = cfg.wandb_mode or default_wandb_mode()
         self.accelerator = Accelerator(
@@ -136,7 +140,6 @@ class Trainer:
         self.bad_steps = torch.zeros((), device=self.device)
         self.first_bad_step = torch.full((), -1.0, device=self.device)
         self.step_tensor = torch.full((), float(self.step), device=self.device)
-        self.stop_signal: str | None = None
 
     # ----------------------------------------------------------------- setup
 
@@ -230,9 +233,6 @@ class Trainer:
 
     def fit(self) -> None:
         acc = self.accelerator
-        previous_handlers = {
-            sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
-        }
         started = time.perf_counter()
         self.train_seconds = 0.0
         self.images_trained = 0
@@ -276,7 +276,7 @@ class Trainer:
         finally:
             progress.close()
             self.logger.finish()
-            for sig, handler in previous_handlers.items():
+            for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
 
     def _request_stop(self, signum: int, _frame: Any) -> None:

@@ -1,0 +1,69 @@
+"""Make `accelerate launch --cpu --num_processes N train.py` start N processes.
+
+Accelerate starts several CPU processes only through mpirun (huggingface/accelerate#2741); without
+it, its simple launcher runs one process and gives it MASTER_ADDR/MASTER_PORT but no rank. When
+train.py finds itself started that way, it re-executes under torchrun with the process and machine
+counts that `accelerate launch` was given, so the processes join one gloo process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+_FLAGS = {"num_processes": 1, "num_machines": 1, "machine_rank": 0}
+
+
+def _launcher_settings(argv: list[str]) -> dict[str, int]:
+    """num_processes, num_machines and machine_rank from `accelerate launch` flags or its --config_file."""
+    settings = dict(_FLAGS)
+    flags: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        name, _, value = arg.lstrip("-").replace("-", "_").partition("=")
+        if arg.startswith("--") and (name in _FLAGS or name == "config_file"):
+            flags[name] = value or (argv[i + 1] if i + 1 < len(argv) else "")
+        if arg.endswith(".py"):
+            break  # the training script; what follows are its own flags
+    if "config_file" in flags and Path(flags["config_file"]).is_file():
+        config = yaml.safe_load(Path(flags["config_file"]).read_text()) or {}
+        settings.update(
+            {k: int(config[k]) for k in _FLAGS if isinstance(config.get(k), int) and config[k] >= 0}
+        )
+    settings.update({k: int(v) for k, v in flags.items() if k in _FLAGS and v.isdigit()})
+    return settings
+
+
+def relaunch_cpu_processes_if_needed() -> None:
+    """Re-exec under torchrun when `accelerate launch --cpu` asked for several processes."""
+    env = os.environ
+    if (
+        "RANK" in env
+        or env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1")
+        or "MASTER_ADDR" not in env
+    ):
+        return
+    try:
+        parent_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return
+    s = _launcher_settings(parent_argv)
+    if s["num_processes"] <= 1 and s["num_machines"] <= 1:
+        return
+    per_machine = max(1, s["num_processes"] // s["num_machines"])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={per_machine}",
+            f"--nnodes={s['num_machines']}",
+            f"--node_rank={s['machine_rank']}",
+            f"--master_addr={env['MASTER_ADDR']}",
+            f"--master_port={env['MASTER_PORT']}",
+            *sys.argv,
+        ],
+    )
