@@ -69,7 +69,7 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) != len(lines):
             atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
@@ -142,6 +142,14 @@ class RunLogger:
                 self.accelerator.end_training()
             except Exception as err:
                 warn(f"W&B did not finish cleanly ({type(err).__name__}: {err})")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line torn by a crash mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
