@@ -1,0 +1,93 @@
+"""Load trained weights (OUT/model.safetensors) for the command-line tools, with one-line errors.
+
+`python -m ae.reconstruct` and `python -m ae.evaluate` both go through `load_model`, so a missing,
+truncated, foreign or wrong-shaped file is reported the same way: which file, what is wrong, what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ae.errors import UserError
+from ae.model import ConvAutoencoder
+
+MODEL_FILE = "model.safetensors"
+_TRAIN_HINT = "train one with `python train.py --data DIR --out OUT` (it writes OUT/model.safetensors)"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The weights file: `path` itself, or `path/model.safetensors` when a run folder is given."""
+    path = Path(path)
+    if path.is_dir():
+        inner = path / MODEL_FILE
+        if inner.is_file():
+            return inner
+        raise UserError(f"--model {path} is a folder without {MODEL_FILE}: pass the weights file, or {_TRAIN_HINT}")
+    if not path.exists():
+        raise UserError(f"model file {path} not found: pass the right --model, or {_TRAIN_HINT}")
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAutoencoder:
+    """A ConvAutoencoder with the weights in `path` (a safetensors state_dict), in eval mode on `device`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = resolve_model_path(path)
+    redo = f"copy it again or retrain ({_TRAIN_HINT})"
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read model file {path} ({_one_line(err)}): it is truncated or not a safetensors file; {redo}"
+        ) from None
+    model = ConvAutoencoder()
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            what.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise UserError(
+            f"model file {path} does not hold this project's ConvAutoencoder ({'; '.join(what)}): "
+            f"pass a model.safetensors written by train.py"
+        )
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"model file {path} has {name} of shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}: "
+                f"it was saved from another model; pass a model.safetensors written by train.py"
+            )
+        if not state[name].is_floating_point():
+            raise UserError(f"model file {path} has {name} of dtype {state[name].dtype}, expected floats: {redo}")
+        if not torch.isfinite(state[name]).all():
+            raise UserError(f"model file {path} has non-finite values in {name}: the run diverged; {redo}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(resolve_device(device)).eval()
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`cuda` if available when `name` is None; a one-line error for a device this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: use cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but this machine has no usable GPU: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
+    return device
