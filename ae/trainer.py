@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import closing
 from datetime import timedelta
@@ -242,6 +243,7 @@ class Trainer:
             disable=not acc.is_main_process,
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         )
         self._start_window()
         try:
