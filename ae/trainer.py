@@ -145,22 +145,24 @@ class Trainer:
     # ----------------------------------------------------------------- setup
 
     def _prepare_out_dir(self) -> None:
-        """Fail early, with one line, if --out cannot be written; --fresh discards the old run."""
-        if self.accelerator.is_main_process:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                probe = self.out / f".write-test-{os.getpid()}"
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            except OSError as err:
-                raise UserError(
-                    f"--out {self.out} is not writable ({err.strerror}): choose another folder"
-                ) from None
-            if self.cfg.fresh:
-                for name in ("checkpoints", "reconstructions", "wandb"):
-                    shutil.rmtree(self.out / name, ignore_errors=True)
-                for name in ("metrics.jsonl", "model.safetensors", "wandb_run_id.txt"):
-                    (self.out / name).unlink(missing_ok=True)
+        """Fail early, with one line, if --out cannot be written; --fresh discards the old run.
+
+        Every process checks (so all of them stop together); only the main one deletes.
+        """
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test-{socket.gethostname()}-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(
+                f"--out {self.out} is not writable ({err.strerror}): choose another folder"
+            ) from None
+        if self.cfg.fresh and self.accelerator.is_main_process:
+            for name in ("checkpoints", "reconstructions", "wandb"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "model.safetensors", "wandb_run_id.txt"):
+                (self.out / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
