@@ -148,12 +148,12 @@ class DeviceResidentBatches:
             yield self.images[order[batch * self.batch_size : (batch + 1) * self.batch_size]]
 
 
-def test_shard(count: int, rank: int, world_size: int) -> np.ndarray:
+def eval_shard(count: int, rank: int, world_size: int) -> np.ndarray:
     """This process's contiguous part of the test split: together the parts cover it exactly once."""
     return np.array_split(np.arange(count, dtype=np.uint64), world_size)[rank]
 
 
-def test_batches(
+def eval_batches(
     data_dir: Path, count: int, device: torch.device, rank: int = 0, world_size: int = 1, workers: int = 1
 ) -> Iterable[torch.Tensor]:
     """Batches of this process's shard of the test split (`count` images), in file order."""
@@ -164,7 +164,7 @@ def test_batches(
             device,
             workers,
             OrderOption.SEQUENTIAL,
-            indices=test_shard(count, rank, world_size),
+            indices=eval_shard(count, rank, world_size),
         )
     )
 

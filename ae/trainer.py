@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ae import checkpoint
 from ae.config import TrainConfig
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, read_split, test_batches
+from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, read_split, eval_batches
 from ae.errors import UserError
 from ae.fast import CudaGraphStep
 from ae.files import atomic_write
@@ -109,7 +109,7 @@ class Trainer:
             )
         else:
             self.batches = FFCVBatches(cfg.data, cfg.batch_size, self.device, cfg.seed, workers)
-        self.test_batches = test_batches(
+        self.eval_batches = eval_batches(
             cfg.data, test_count, self.device, self.rank, self.world_size, workers
         )
         self.grid_images = read_split(cfg.data, "test", min(GRID_IMAGES, test_count), self.device)
@@ -447,7 +447,7 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         model.eval()
-        sums = split_sums(model, self.test_batches, self.noise, acc.autocast)
+        sums = split_sums(model, self.eval_batches, self.noise, acc.autocast)
         metrics = summarize(
             acc.reduce(sums, "sum"),
             self.manifest["splits"]["test"]["bce_floor"],
