@@ -1,0 +1,22 @@
+"""Prepare CIFAR-10 for training: read a local copy (or download it), write FFCV betons and a manifest.
+
+    python -m data_prep --out DIR [--source PATH] [--limit N] [--force]
+    python -m data_prep.preview DIR/train.beton --out grid.png [--per-class 8]
+
+The trainer reads DIR through `data_prep.manifest` (load_manifest, beton_path, verify_beton).
+Importing this package is cheap: FFCV and torchvision are imported only when needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def prepare(*args: Any, **kwargs: Any) -> dict:
+    """Write DIR/{train,test}.beton and DIR/manifest.json; see `data_prep.writer.prepare`."""
+    from data_prep.writer import prepare as _prepare
+
+    return _prepare(*args, **kwargs)
+
+
+__all__ = ["prepare"]
