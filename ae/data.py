@@ -21,6 +21,7 @@ from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
 from data_prep.manifest import beton_path
+from data_prep.preview import BetonFile
 
 EVAL_BATCH_SIZE = 1000
 # torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.
@@ -183,13 +184,10 @@ class _ImagesOnly:
 
 
 def read_split(data_dir: Path, split: str, count: int, device: torch.device) -> torch.Tensor:
-    """The first `count` images of a split as one contiguous uint8 N,3,H,W tensor on `device`."""
-    loader = _ffcv_loader(
-        beton_path(data_dir, split),
-        EVAL_BATCH_SIZE,
-        torch.device("cpu"),
-        1,
-        OrderOption.SEQUENTIAL,
-        indices=np.arange(count, dtype=np.uint64),
-    )
-    return torch.cat([images.contiguous() for images in _ImagesOnly(loader)]).to(device)
+    """The first `count` images of a split as one contiguous uint8 N,3,H,W tensor on `device`.
+
+    data_prep stores pixels raw, so they are read straight from the beton with numpy, without
+    compiling an FFCV pipeline.
+    """
+    images = BetonFile(beton_path(data_dir, split)).images(np.arange(count))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ae.data import DeviceResidentBatches, FFCVBatches, read_split, test_batches, test_shard
-from tests.helpers import PYTHON, REPO, ok, run
+from ae.data import DeviceResidentBatches, FFCVBatches, eval_batches, eval_shard, read_split
+from tests.helpers import PYTHON, REPO, free_port, ok, run
 
 CPU = torch.device("cpu")
 
@@ -51,14 +51,14 @@ def test_device_resident_batches_follow_ffcv_order_in_one_process(tiny_data):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_test_split_shards_cover_it_once(world_size):
-    shards = [test_shard(100, rank, world_size) for rank in range(world_size)]
+def test_eval_shards_cover_the_test_split_once(world_size):
+    shards = [eval_shard(100, rank, world_size) for rank in range(world_size)]
     assert np.array_equal(np.concatenate(shards), np.arange(100))
 
 
-def test_test_batches_and_read_split_agree(tiny_data):
+def test_eval_batches_and_read_split_agree(tiny_data):
     assert torch.equal(
-        torch.cat(list(test_batches(tiny_data, 64, CPU))), read_split(tiny_data, "test", 64, CPU)
+        torch.cat(list(eval_batches(tiny_data, 64, CPU))), read_split(tiny_data, "test", 64, CPU)
     )
 
 
@@ -85,7 +85,7 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_split(tiny_data, tmp_path)
     )
     ok(
         run(
-            [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script)],
+            [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
             timeout=180,
         )
     )
