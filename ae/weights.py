@@ -1,4 +1,4 @@
-"""Load trained weights (OUT/model.safetensors) for the command-line tools, with one-line errors.
+"""Shared by the tools: load trained weights (OUT/model.safetensors), pick the device, parse --noise.
 
 `python -m ae.reconstruct` and `python -m ae.evaluate` both go through `load_model`, so a missing,
 truncated, foreign or wrong-shaped file is reported the same way: which file, what is wrong, what to do.
@@ -6,12 +6,17 @@ truncated, foreign or wrong-shaped file is reported the same way: which file, wh
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ae.errors import UserError
-from ae.model import ConvAutoencoder
+
+if TYPE_CHECKING:  # torch is imported when needed, so that bad paths and flags fail fast
+    import torch
+
+    from ae.model import ConvAutoencoder
+    from ae.noise import Corruption
 
 MODEL_FILE = "model.safetensors"
 _TRAIN_HINT = "train one with `python train.py --data DIR --out OUT` (it writes OUT/model.safetensors)"
@@ -28,7 +33,9 @@ def resolve_model_path(path: str | Path) -> Path:
         inner = path / MODEL_FILE
         if inner.is_file():
             return inner
-        raise UserError(f"--model {path} is a folder without {MODEL_FILE}: pass the weights file, or {_TRAIN_HINT}")
+        raise UserError(
+            f"--model {path} is a folder without {MODEL_FILE}: pass the weights file, or {_TRAIN_HINT}"
+        )
     if not path.exists():
         raise UserError(f"model file {path} not found: pass the right --model, or {_TRAIN_HINT}")
     return path
@@ -36,11 +43,14 @@ def resolve_model_path(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAutoencoder:
     """A ConvAutoencoder with the weights in `path` (a safetensors state_dict), in eval mode on `device`."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ae.model import ConvAutoencoder
+
     path = resolve_model_path(path)
-    redo = f"copy it again or retrain ({_TRAIN_HINT})"
+    redo = f"copy it again, or {_TRAIN_HINT}"
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -68,7 +78,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAuto
                 f"it was saved from another model; pass a model.safetensors written by train.py"
             )
         if not state[name].is_floating_point():
-            raise UserError(f"model file {path} has {name} of dtype {state[name].dtype}, expected floats: {redo}")
+            raise UserError(
+                f"model file {path} has {name} of dtype {state[name].dtype}, expected floats: {redo}"
+            )
         if not torch.isfinite(state[name]).all():
             raise UserError(f"model file {path} has non-finite values in {name}: the run diverged; {redo}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -77,6 +89,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAuto
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """`cuda` if available when `name` is None; a one-line error for a device this machine lacks."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,9 +99,37 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise UserError(f"--device {name!r} is not a device: use cpu or cuda (or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but this machine has no usable GPU: use --device cpu")
+            raise UserError(
+                f"--device {name} asked for, but this machine has no usable GPU: use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     elif device.type != "cpu":
         raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
     return device
+
+
+def noise_arg(spec: str | None) -> Corruption | None:
+    """`--noise` for the tools: a bare number is a Gaussian sigma; `gaussian:S` / `saltpepper:P` as in training."""
+    from ae.noise import Corruption, parse_noise
+
+    if spec is None or spec.lower() == "none":
+        return None
+    try:
+        sigma = float(spec)
+    except ValueError:
+        if ":" in spec:
+            return parse_noise(spec)
+        sigma = float("nan")
+    if not sigma >= 0 or sigma == float("inf"):
+        raise UserError(
+            f"--noise {spec!r} is not valid: use a sigma >= 0 (e.g. 0.1), gaussian:SIGMA or saltpepper:P"
+        )
+    return Corruption("gaussian", sigma)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line UserErrors (exit 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `python -m {self.prog} --help`)")

@@ -1,0 +1,289 @@
+"""Plots and a Markdown summary of a run, from OUT/metrics.jsonl alone (no W&B needed).
+
+    python -m ae.report OUT
+
+writes
+    OUT/report/loss.png   train BCE and test BCE vs step, the test split's BCE floor as a horizontal line
+    OUT/report/psnr.png   test PSNR vs step (and the noisy input's PSNR for a denoising run)
+    OUT/report/speed.png  step time (ms) and throughput (images/s) vs step, two panels
+    OUT/report.md         the three plots and a table of the final metrics
+
+A run that is still going (or was killed mid-write) can be reported: a torn last line is skipped with
+a warning. Any other unreadable line, or a file without records, is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from ae.errors import UserError, friendly_errors
+from ae.files import atomic_write
+from ae.weights import OneLineParser
+
+REPORT_DIR = "report"
+PLOTS = ("loss", "psnr", "speed")
+# The final-metrics table: (key, label, format), in this order; keys a run lacks are left out.
+TABLE = (
+    ("test/bce", "test BCE", "{:.5f}"),
+    ("test/bce_floor", "BCE floor (test split)", "{:.5f}"),
+    ("test/bce_excess", "test BCE above the floor", "{:.5f}"),
+    ("test/mse", "test MSE", "{:.6f}"),
+    ("test/psnr_db", "test PSNR (dB)", "{:.2f}"),
+    ("test/noisy_psnr_db", "noisy input PSNR (dB)", "{:.2f}"),
+    ("test/denoise_gain_db", "denoising gain (dB)", "{:.2f}"),
+    ("train/loss", "train loss (BCE, last window)", "{:.5f}"),
+    ("train/step_time_ms", "step time (ms, last window)", "{:.2f}"),
+    ("train/images_per_s", "throughput (images/s, last window)", "{:,.0f}"),
+    ("train/lr", "learning rate", "{:g}"),
+    ("train/epoch", "epochs trained", "{:.2f}"),
+    ("train/skipped_steps", "skipped non-finite steps", "{:d}"),
+)
+
+
+def _warn(message: str) -> None:
+    print(f"[cae-train] warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, each with an integer "step"; one-line errors for a bad file."""
+    hint = "point ae.report at a run folder written by train.py"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {hint} (it writes OUT/metrics.jsonl at the first log step)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
+        raise UserError(f"cannot read {path} ({reason}): the file is corrupt; {hint}") from None
+    lines = text.split("\n")
+    torn_tail = not text.endswith("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+                raise ValueError('no integer "step"')
+        except ValueError as err:
+            if torn_tail and number == len(lines):
+                _warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
+                continue
+            reason = " ".join(str(err).split())
+            raise UserError(
+                f"{path} line {number} is not a metrics record ({reason}): the file is corrupt"
+            ) from None
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} has no metrics records yet: let the run reach its first log step, or {hint}")
+    return records
+
+
+def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one key, sorted by step; a step logged twice keeps its last value."""
+    by_step: dict[int, float] = {}
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            by_step[record["step"]] = float(value)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def final_values(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each key's value at the highest step that logged it, plus "step"/"epoch" of the last record."""
+    last: dict[str, tuple[int, Any]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in last or record["step"] >= last[key][0]:
+                last[key] = (record["step"], value)
+    return {key: value for key, (_, value) in last.items()}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} logged yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _plot(ax, steps: list[int], values: list[float], **style) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    marker = "o" if len(steps) <= 30 else None
+    ax.plot(steps, values, marker=marker, markersize=3, **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_loss(plt, records, title: str):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for key, label, color in (
+        ("train/loss", "train BCE", "tab:blue"),
+        ("test/bce", "test BCE", "tab:orange"),
+    ):
+        steps, values = series(records, key)
+        if steps:
+            _plot(ax, steps, values, label=label, color=color)
+            drawn = True
+    floor_steps, floors = series(records, "test/bce_floor")
+    if floors:
+        ax.axhline(
+            floors[-1], color="black", linestyle="--", linewidth=1, label=f"BCE floor {floors[-1]:.4f}"
+        )
+    if not drawn:
+        _no_data(ax, "loss")
+    ax.set(xlabel="step", ylabel="binary cross-entropy", title=f"{title}: loss")
+    ax.grid(alpha=0.3)
+    if drawn or floors:
+        ax.legend()
+    return fig
+
+
+def plot_psnr(plt, records, title: str):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    curves = (
+        ("test/psnr_db", "test PSNR (reconstruction)", "tab:green"),
+        ("test/noisy_psnr_db", "noisy input PSNR", "tab:red"),
+    )
+    drawn = False
+    for key, label, color in curves:
+        steps, values = series(records, key)
+        if steps:
+            _plot(ax, steps, values, label=label, color=color)
+            drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        _no_data(ax, "test PSNR")
+    ax.set(xlabel="step", ylabel="PSNR (dB)", title=f"{title}: test PSNR")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_speed(plt, records, title: str):
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for ax, key, label, color in (
+        (top, "train/step_time_ms", "step time (ms)", "tab:purple"),
+        (bottom, "train/images_per_s", "images/s", "tab:brown"),
+    ):
+        steps, values = series(records, key)
+        if steps:
+            _plot(ax, steps, values, color=color)
+        else:
+            _no_data(ax, label)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    top.set_title(f"{title}: training speed")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+def _png(plt, fig) -> bytes:
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _format(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return f"{value:g}"
+
+
+def markdown(out: Path, records: Sequence[dict[str, Any]]) -> str:
+    final = final_values(records)
+    last_step = max(r["step"] for r in records)
+    epoch = final.get("epoch")
+    lines = [
+        f"# Training report: {out.resolve().name}",
+        "",
+        f"From `{out / 'metrics.jsonl'}`: {len(records)} records, last at step {last_step}"
+        + (f" (epoch {epoch})" if epoch is not None else "")
+        + ".",
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value | key |",
+        "|---|---:|---|",
+    ]
+    for key, label, fmt in TABLE:
+        if key in final:
+            lines.append(f"| {label} | {_format(final[key], fmt)} | `{key}` |")
+    test_steps, _ = series(records, "test/bce")
+    if test_steps:
+        lines += ["", f"Test metrics are from the last evaluation, at step {test_steps[-1]}."]
+    grid = final.get("test/reconstructions")
+    lines += ["", "## Loss", "", f"![loss]({REPORT_DIR}/loss.png)", ""]
+    lines += ["## Test PSNR", "", f"![psnr]({REPORT_DIR}/psnr.png)", ""]
+    lines += ["## Training speed", "", f"![speed]({REPORT_DIR}/speed.png)", ""]
+    if isinstance(grid, str) and (out / grid).is_file():
+        lines += ["## Last reconstructions", "", f"![reconstructions]({grid})", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path) -> list[Path]:
+    """Write OUT/report/{loss,psnr,speed}.png and OUT/report.md; returns the paths written."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"run folder {out} not found: pass the --out folder of a train.py run")
+    records = read_metrics(out / "metrics.jsonl")
+    report_dir = out / REPORT_DIR
+    try:
+        report_dir.mkdir(exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {report_dir} ({err.strerror}): is {out} writable?") from None
+    plt = _pyplot()
+    title = out.resolve().name
+    written = []
+    try:
+        for name, plot in zip(PLOTS, (plot_loss, plot_psnr, plot_speed), strict=True):
+            path = report_dir / f"{name}.png"
+            atomic_write(path, _png(plt, plot(plt, records, title)))
+            written.append(path)
+        path = out / "report.md"
+        atomic_write(path, markdown(out, records).encode("utf-8"))
+        written.append(path)
+    except OSError as err:
+        raise UserError(
+            f"cannot write the report into {out} ({err.strerror or err}): is it writable?"
+        ) from None
+    return written
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="ae.report", description="Plots and a Markdown report from OUT/metrics.jsonl.")
+    p.add_argument("out", type=Path, metavar="OUT", help="the run folder (train.py --out)")
+    return p
+
+
+@friendly_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for path in write_report(args.out):
+        print(path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
