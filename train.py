@@ -13,12 +13,14 @@ relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace t
 
 from ae.config import parse_args  # noqa: E402
 from ae.errors import friendly_errors  # noqa: E402
-from ae.trainer import Trainer  # noqa: E402
 
 
 @friendly_errors
 def main() -> None:
-    Trainer(parse_args()).fit()
+    cfg = parse_args()  # bad flags fail fast, before the heavy imports below
+    from ae.trainer import Trainer
+
+    Trainer(cfg).fit()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ae import checkpoint
 from ae.config import TrainConfig
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, read_split, eval_batches
+from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, read_split
 from ae.errors import UserError
 from ae.fast import CudaGraphStep
 from ae.files import atomic_write
@@ -237,6 +237,7 @@ class Trainer:
     def fit(self) -> None:
         acc = self.accelerator
         started = time.perf_counter()
+        already_complete = self.step >= self.total_steps
         self.train_seconds = 0.0
         self.images_trained = 0
         progress = tqdm(
@@ -268,7 +269,7 @@ class Trainer:
                         f"{self.checkpoints}. Rerun the same command to resume."
                     )
                 return
-            if self.final_metrics is None:  # the run was already complete: report, do not log again
+            if already_complete:  # report, but do not log the same step again
                 _say(
                     f"{self.out} is already complete at step {self.step}; raise --max-steps or --epochs to extend it"
                 )

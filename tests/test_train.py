@@ -31,7 +31,7 @@ def run_dir(tiny_data, tmp_path_factory):
             "--log-every",
             "4",
             "--lr",
-            "3e-3",
+            "1e-2",
             "--wandb-mode",
             "offline",
         )
@@ -103,7 +103,7 @@ def test_rerun_of_a_finished_run_says_so_and_a_larger_epochs_extends_it(run_dir,
         "--batch-size",
         "16",
         "--lr",
-        "3e-3",
+        "1e-2",
         "--log-every",
         "4",
     ]
@@ -117,8 +117,8 @@ def test_rerun_of_a_finished_run_says_so_and_a_larger_epochs_extends_it(run_dir,
 def test_changing_the_recipe_on_resume_is_refused(run_dir, tiny_data):
     out, _ = run_dir
     before = (out / "metrics.jsonl").read_bytes()
-    result = train("--data", str(tiny_data), "--out", str(out), "--batch-size", "16", "--lr", "0.01")
-    assert_one_line_error(result, "another recipe", "lr 0.003 → 0.01", "--fresh")
+    result = train("--data", str(tiny_data), "--out", str(out), "--batch-size", "16", "--lr", "0.02")
+    assert_one_line_error(result, "another recipe", "lr 0.01 → 0.02", "--fresh")
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
