@@ -19,7 +19,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from ae.errors import UserError
-from ae.files import atomic_write, fsync_dir
+from ae.files import atomic_write, fsync_path
 from ae.tracking import warn
 from data_prep.manifest import sha256_file
 
@@ -94,7 +94,7 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            fsync_dir(root)
+            fsync_path(root)
             for old in checkpoint_dirs(root)[keep:]:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as err:

@@ -24,14 +24,13 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ae.errors import UserError, friendly_errors
-from ae.files import atomic_write
+from ae.files import atomic_write, png_bytes
 from ae.weights import OneLineParser, load_model, noise_arg, resolve_device
 
 if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable images are reported at once
@@ -139,14 +138,6 @@ def check_image(path: Path) -> tuple[int, int]:
         raise UserError(
             f"{path} is not an image Pillow can read ({type(err).__name__}: {_one_line(err)})"
         ) from None
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG", compress_level=4)
-    return buffer.getvalue()
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -11,15 +11,13 @@ import netrc
 import os
 import sys
 import uuid
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
-from PIL import Image
 
-from ae.files import atomic_write
+from ae.files import atomic_write, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
 
@@ -119,7 +117,7 @@ class RunLogger:
         if image is not None:
             path = self.images_dir / f"step_{step:07d}.png"
             self.images_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, _png_bytes(image))
+            atomic_write(path, png_bytes(image))
             row["test/reconstructions"] = str(path.relative_to(self.metrics_path.parent))
             if self.wandb_on:
                 import wandb
@@ -150,9 +148,3 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()

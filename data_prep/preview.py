@@ -14,12 +14,12 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ae.errors import UserError, friendly_errors
+from ae.files import atomic_write, png_bytes
 
 # The beton layout of FFCV 1.0.2 (ffcv/types.py, ffcv/fields/*.py), file format version 2.
 BETON_VERSION = 2
@@ -198,18 +198,7 @@ def make_grid(beton: BetonFile, class_names: list[str], per_class: int = 8, scal
 def save_png_atomic(image, out: Path) -> None:
     """Save a PIL image as PNG through a temporary file in the same folder and a rename."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, png_bytes(np.asarray(image.convert("RGB"))))
 
 
 def build_parser() -> argparse.ArgumentParser:

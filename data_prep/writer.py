@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ae.errors import UserError
+from ae.files import fsync_path
 from data_prep import manifest as mf
 from data_prep.sources import (
     SPLITS,
@@ -242,17 +243,9 @@ def _remove_if_orphaned(path: Path, pid: int) -> None:
         pass
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
-        _fsync(path)
+        fsync_path(path)
 
 
 def _tqdm_factory(progress: bool | None) -> Callable[[int, str], Any]:
@@ -366,7 +359,7 @@ def _write_outputs(
             started = time.perf_counter()
             try:
                 write_beton(temp, splits[split], progress=progress, description=f"writing {final.name}")
-                _fsync(temp)
+                fsync_path(temp)
             except OSError as err:
                 raise UserError(f"could not write {final} ({one_line(err)}); is the disk full?") from None
             pixel_mean, bce_floor = mf.pixel_stats(splits[split].images)
@@ -393,7 +386,7 @@ def _write_outputs(
         }
         temps["manifest"] = temp = _temp_path(out, mf.MANIFEST_NAME)
         temp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync(temp)
+        fsync_path(temp)
         # Commit: drop the old manifest first, so a crash in between leaves no manifest that
         # describes betons it does not match; the new manifest goes in last.
         with contextlib.suppress(FileNotFoundError):
