@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from ae.errors import UserError
 from ae.files import atomic_write, fsync_path
@@ -97,11 +98,13 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
             fsync_path(root)
             for old in checkpoint_dirs(root)[keep:]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
         previous = next((str(p) for p in checkpoint_dirs(root) if p != final), "none")
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
         raise UserError(
-            f"could not write checkpoint {final}: {err.strerror or err}; previous checkpoint ({previous}) is intact"
+            f"could not write checkpoint {final}: {reason}; previous checkpoint ({previous}) is intact; "
+            "free space or fix permissions, then rerun to resume"
         ) from None
     accelerator.wait_for_everyone()
     return final

@@ -36,7 +36,8 @@ def default_wandb_mode() -> str:
 
 
 def warn(message: str) -> None:
-    print(f"[cae-train] warning: {message}", file=sys.stderr, flush=True)
+    """Print one warning line on stderr (embedded newlines are folded)."""
+    print(f"[cae-train] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 class RunLogger:
@@ -75,6 +76,7 @@ class RunLogger:
         import wandb
 
         run_id = os.environ.get("WANDB_RUN_ID") or self._stored_run_id(out)
+        failures = []
         for attempt_mode in dict.fromkeys([mode, "offline"]):
             try:
                 self.accelerator.init_trackers(
@@ -90,13 +92,20 @@ class RunLogger:
                         }
                     },
                 )
-                self.wandb_on = True
-                print(f"[cae-train] W&B run {run_id} ({attempt_mode}) in {out / 'wandb'}", flush=True)
-                return
             except Exception as err:  # W&B must never stop training
                 self.accelerator.trackers = []
-                warn(f"W&B {attempt_mode} could not start ({type(err).__name__}: {err}); trying without it")
-        warn("W&B is off for this run; metrics still go to metrics.jsonl")
+                wandb.teardown()  # the failed attempt's service still holds the run id
+                failures.append(f"{attempt_mode} ({type(err).__name__}: {err})")
+                continue
+            self.wandb_on = True
+            if failures:
+                warn(
+                    f"W&B could not start {failures[0]}; logging offline instead (upload later with "
+                    f"`wandb sync {out / 'wandb'}/offline-run-*`)"
+                )
+            print(f"[cae-train] W&B run {run_id} ({attempt_mode}) in {out / 'wandb'}", flush=True)
+            return
+        warn(f"W&B could not start {' or '.join(failures)}; metrics still go to metrics.jsonl")
 
     @staticmethod
     def _stored_run_id(out: Path) -> str:

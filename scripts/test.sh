@@ -7,4 +7,4 @@ scripts/setup.sh --test
 if (($#)); then
   exec .venv/bin/python -m pytest "$@"
 fi
-exec .venv/bin/python -m pytest -m "not slow"
+exec .venv/bin/python -m pytest -m "not slow" --durations=20

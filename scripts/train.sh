@@ -23,6 +23,6 @@ GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 if [[ ${GPUS:-0} -gt 0 ]]; then
   launch=(--config_file accelerate_config.yaml --num_processes "$GPUS")
 else
-  launch=(--cpu --mixed_precision no --num_processes 1)
+  launch=(--cpu --mixed_precision no --num_processes 1 --num_machines 1 --dynamo_backend no)
 fi
 exec .venv/bin/accelerate launch "${launch[@]}" train.py --data "$DATA" --out "$OUT" --epochs "$EPOCHS" "$@"

@@ -85,7 +85,14 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_split(tiny_data, tmp_path)
     )
     ok(
         run(
-            [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+            [
+                PYTHON,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                str(script),
+            ],
             timeout=180,
         )
     )

@@ -162,6 +162,18 @@ def test_data_on_device_and_fast_follow_the_default_trajectory_on_cpu(tiny_data,
         assert [loss for _, loss in train_losses(tmp_path / variant)] == pytest.approx(reference, rel=1e-6)
 
 
+@pytest.mark.slow
+def test_compile_follows_the_default_trajectory_on_cpu(tiny_data, tmp_path):
+    """torch.compile (inductor, C++ on the CPU) changes kernels, not the maths: losses agree closely."""
+    common = ["--data", str(tiny_data), "--max-steps", "12", "--batch-size", "16", "--log-every", "1"]
+    ok(train(*common, "--out", str(tmp_path / "default")))
+    ok(train(*common, "--out", str(tmp_path / "compiled"), "--compile"))
+    reference = [loss for _, loss in train_losses(tmp_path / "default")]
+    compiled = [loss for _, loss in train_losses(tmp_path / "compiled")]
+    assert len(reference) == 12
+    assert compiled == pytest.approx(reference, rel=1e-4)
+
+
 def test_denoising_run_reports_noisy_psnr_and_gain(tiny_data, tmp_path):
     out = tmp_path / "denoise"
     ok(
