@@ -48,4 +48,4 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
   echo "$want" >"$stamp"
 fi
-echo "setup: ready ($(.venv/bin/python -c 'import torch, ffcv, accelerate, wandb; print("torch", torch.__version__, "ffcv", ffcv.__version__, "accelerate", accelerate.__version__, "wandb", wandb.__version__)'))"
+echo "setup: ready ($(.venv/bin/python -c 'import ffcv, torch; from importlib.metadata import version; print(", ".join(f"{p} {version(p)}" for p in ("torch", "ffcv", "accelerate", "wandb")))'))"

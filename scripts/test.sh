@@ -7,4 +7,5 @@ scripts/setup.sh --test
 if (($#)); then
   exec .venv/bin/python -m pytest "$@"
 fi
-exec .venv/bin/python -m pytest -m "not slow" --durations=20
+# Two workers, one test file each at a time: the slow files mostly wait on subprocesses and Slurm.
+exec .venv/bin/python -m pytest -m "not slow" -n "${TEST_WORKERS:-2}" --dist loadfile --durations=20

@@ -118,7 +118,7 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
     fi
 fi
 # Port from the job id (and the restart count, so a requeued run never meets its predecessor's socket).
-MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 101 * ${SLURM_RESTART_COUNT:-0}) % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 101 * ${SLURM_RESTART_COUNT:-0}) % 12000))}
 export MASTER_ADDR MASTER_PORT
 
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$REPO/accelerate_config.yaml}

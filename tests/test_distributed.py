@@ -2,7 +2,7 @@
 
 import json
 
-from tests.helpers import ACCELERATE, metrics, ok, run, weights
+from tests.helpers import ACCELERATE, free_port, metrics, ok, run, weights
 
 
 def test_two_cpu_processes_train_one_model(small_data, tmp_path):
@@ -17,6 +17,8 @@ def test_two_cpu_processes_train_one_model(small_data, tmp_path):
                 "2",
                 "--mixed_precision",
                 "no",
+                "--main_process_port",
+                str(free_port()),
                 "train.py",
                 "--data",
                 str(small_data),
