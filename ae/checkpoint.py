@@ -19,9 +19,8 @@ from typing import Any
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from ae.errors import UserError
+from ae.errors import UserError, warn
 from ae.files import atomic_write, fsync_path
-from ae.tracking import warn
 from data_prep.manifest import sha256_file
 
 MANIFEST = "MANIFEST.json"

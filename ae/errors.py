@@ -1,4 +1,4 @@
-"""One-line errors for bad input: every command-line tool reports them the same way."""
+"""One-line errors and warnings: every command-line tool reports them the same way."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from functools import wraps
 from typing import TypeVar
 
 R = TypeVar("R")
+
+
+def warn(message: str) -> None:
+    """Print one warning line on stderr (embedded newlines are folded)."""
+    print(f"[cae-train] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 class UserError(Exception):

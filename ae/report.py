@@ -22,7 +22,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from ae.errors import UserError, friendly_errors
+from ae.errors import UserError, friendly_errors, warn
 from ae.files import atomic_write
 from ae.weights import OneLineParser
 
@@ -44,10 +44,6 @@ TABLE = (
     ("train/epoch", "epochs trained", "{:.2f}"),
     ("train/skipped_steps", "skipped non-finite steps", "{:d}"),
 )
-
-
-def _warn(message: str) -> None:
-    print(f"[cae-train] warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -74,7 +70,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 raise ValueError('no integer "step"')
         except ValueError as err:
             if torn_tail and number == len(lines):
-                _warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
+                warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
                 continue
             reason = " ".join(str(err).split())
             raise UserError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 from accelerate import Accelerator
 
+from ae.errors import warn
 from ae.files import atomic_write, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
@@ -33,11 +33,6 @@ def default_wandb_mode() -> str:
         return "online" if netrc.netrc().authenticators(host) else "offline"
     except (OSError, netrc.NetrcParseError):
         return "offline"
-
-
-def warn(message: str) -> None:
-    """Print one warning line on stderr (embedded newlines are folded)."""
-    print(f"[cae-train] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 class RunLogger:

@@ -17,40 +17,16 @@
 
 set -uo pipefail
 
-log() { echo "[slurm/prep.sh] $*"; }
-die() {
-    echo "[slurm/prep.sh] error: $*" >&2
-    exit 2
-}
-
-find_repo() {
-    local cand
-    if [[ -n "${REPO:-}" ]]; then
-        [[ -d "$REPO/data_prep" ]] || die "REPO=$REPO has no data_prep/"
-        (cd "$REPO" && pwd)
-        return
-    fi
-    for cand in "${SLURM_SUBMIT_DIR:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "$PWD"; do
-        if [[ -n "$cand" && -d "$cand/data_prep" && -f "$cand/train.py" ]]; then
-            (cd "$cand" && pwd)
-            return
-        fi
-    done
-    die "cannot find the repository (no data_prep/ in SLURM_SUBMIT_DIR=${SLURM_SUBMIT_DIR:-}); submit from the repository root or set REPO=/path/to/repo"
-}
-REPO=$(find_repo) || exit 2
+NAME=slurm/prep.sh
+# The repository, found as slurm/train.sh finds it (REPO, the submit folder, this file's parent).
+for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")/.." ""; do [[ -f "$repo/slurm/common.sh" ]] && break; done
+[[ -n "$repo" ]] || { echo "[$NAME] error: no repository in ${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}; submit from its root or set REPO=/path/to/repo" >&2 && exit 2; }
+# shellcheck source=slurm/common.sh
+source "$repo/slurm/common.sh"
 # Relative paths in arguments and SOURCE/DATA are relative to the submit folder.
 cd "${SLURM_SUBMIT_DIR:-$PWD}" || die "cannot cd to ${SLURM_SUBMIT_DIR:-$PWD}"
 
-VENV=${VENV:-$REPO/.venv}
-if [[ -f "$VENV/bin/activate" ]]; then
-    # shellcheck disable=SC1091
-    source "$VENV/bin/activate"
-elif [[ -x "$VENV/bin/python" ]]; then
-    export PATH="$VENV/bin:$PATH" # e.g. a conda prefix
-elif [[ "$VENV" != "$REPO/.venv" ]]; then
-    die "VENV=$VENV has neither bin/activate nor bin/python"
-fi
+activate_python
 
 args=("$@")
 has_flag() {

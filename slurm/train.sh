@@ -23,46 +23,19 @@
 
 set -uo pipefail
 
-log() { echo "[slurm/train.sh] $*"; }
-die() {
-    echo "[slurm/train.sh] error: $*" >&2
-    exit 2
-}
-
+NAME=slurm/train.sh
+# Under sbatch this file is a copy in Slurm's spool folder: look for the repository in REPO, else the
+# submit folder, else this file's parent folder. slurm/common.sh does the rest of the set-up.
+for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")/.." ""; do [[ -f "$repo/slurm/common.sh" ]] && break; done
+[[ -n "$repo" ]] || { echo "[$NAME] error: no repository in ${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}; submit from its root or set REPO=/path/to/repo" >&2 && exit 2; }
+# shellcheck source=slurm/common.sh
+source "$repo/slurm/common.sh"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "run me with sbatch (SLURM_JOB_ID is not set)"
 
-# ---------------------------------------------------------------- repository and Python
-# Under sbatch this file is a copy in Slurm's spool folder, so BASH_SOURCE does not point into the
-# repository: use REPO, else the submit folder, else this file's parent folder.
-find_repo() {
-    local cand
-    if [[ -n "${REPO:-}" ]]; then
-        [[ -f "$REPO/train.py" ]] || die "REPO=$REPO has no train.py"
-        (cd "$REPO" && pwd)
-        return
-    fi
-    for cand in "${SLURM_SUBMIT_DIR:-}" "$(dirname "${BASH_SOURCE[0]}")/.."; do
-        if [[ -n "$cand" && -f "$cand/train.py" && -f "$cand/slurm/node.sh" ]]; then
-            (cd "$cand" && pwd)
-            return
-        fi
-    done
-    die "cannot find the repository (no train.py in SLURM_SUBMIT_DIR=${SLURM_SUBMIT_DIR:-}); submit from the repository root or set REPO=/path/to/repo"
-}
-REPO=$(find_repo) || exit 2
-export REPO
 # Relative --data/--out paths are relative to the submit folder (where sbatch was run).
 cd "${SLURM_SUBMIT_DIR:-$REPO}" || die "cannot cd to ${SLURM_SUBMIT_DIR:-$REPO}"
 
-VENV=${VENV:-$REPO/.venv}
-if [[ -f "$VENV/bin/activate" ]]; then
-    # shellcheck disable=SC1091
-    source "$VENV/bin/activate"
-elif [[ -x "$VENV/bin/python" ]]; then
-    export PATH="$VENV/bin:$PATH" # e.g. a conda prefix
-elif [[ "$VENV" != "$REPO/.venv" ]]; then
-    die "VENV=$VENV has neither bin/activate nor bin/python"
-fi
+activate_python
 command -v accelerate >/dev/null || die "accelerate is not on PATH (VENV=$VENV); install the requirements or set VENV"
 
 # ---------------------------------------------------------------- nodes, GPUs, processes
