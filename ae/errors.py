@@ -7,12 +7,14 @@ from collections.abc import Callable
 from functools import wraps
 from typing import TypeVar
 
+from tqdm import tqdm
+
 R = TypeVar("R")
 
 
 def warn(message: str) -> None:
-    """Print one warning line on stderr (embedded newlines are folded)."""
-    print(f"[cae-train] warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    """Print one warning line on stderr (newlines folded; on its own line even under a progress bar)."""
+    tqdm.write(f"[cae-train] warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 class UserError(Exception):

@@ -7,8 +7,10 @@ training: they are reported once, W&B is switched off, and metrics.jsonl goes on
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ class RunLogger:
         self.enabled = accelerator.is_main_process
         self.metrics_path = out / "metrics.jsonl"
         self.images_dir = out / "reconstructions"
+        self.wandb_dir = out / "wandb"
         self.wandb_on = False
         if not self.enabled:
             return
@@ -70,6 +73,8 @@ class RunLogger:
     def _start_wandb(self, out: Path, mode: str, project: str, config: dict[str, Any]) -> None:
         import wandb
 
+        # W&B's own loggers write into OUT/wandb: on a full disk they must not print tracebacks.
+        logging.raiseExceptions = False
         run_id = os.environ.get("WANDB_RUN_ID") or self._stored_run_id(out)
         failures = []
         for attempt_mode in dict.fromkeys([mode, "offline"]):
@@ -139,11 +144,31 @@ class RunLogger:
                 warn(f"W&B logging failed ({type(err).__name__}: {err}); W&B is off, metrics.jsonl goes on")
 
     def finish(self) -> None:
-        if self.enabled and self.wandb_on:
-            try:
-                self.accelerator.end_training()
-            except Exception as err:
-                warn(f"W&B did not finish cleanly ({type(err).__name__}: {err})")
+        if not (self.enabled and self.wandb_on):
+            return
+        try:
+            self.accelerator.end_training()
+        except Exception as err:
+            warn(f"W&B did not finish cleanly ({type(err).__name__}: {err})")
+            return
+        problem = _write_problem(self.wandb_dir)
+        if problem:
+            warn(
+                f"W&B could not write all of its files in {self.wandb_dir} ({problem}): that record "
+                "may be incomplete; metrics.jsonl is complete"
+            )
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why `folder` cannot take a small file right now (a full disk, say), or None if it can."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _step_of(line: str) -> int | None:

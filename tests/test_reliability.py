@@ -617,6 +617,39 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_names_the_path
 # ----------------------------------------------------------------------------------- W&B
 
 
+def test_full_wandb_folder_warns_once_and_training_finishes(tiny_data, tmp_path):
+    """OUT/wandb is a full tmpfs: W&B's writes fail, the run warns once, W&B's own loggers print no
+    traceback, and training ends with a complete metrics.jsonl and model."""
+    began = time.monotonic()
+    out = tmp_path / "out"
+    wandb_dir = out / "wandb"
+    if not mount_tmpfs(wandb_dir, "size=64k"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        with (wandb_dir / "filler").open("wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass
+        args = ["--data", str(tiny_data), "--out", str(out), "--batch-size", str(BATCH), "--max-steps", "8"]
+        result = train(
+            *args, "--log-every", "2", "--eval-every", "4", "--wandb-mode", "offline", env=clean_env()
+        )
+    finally:
+        unmount(wandb_dir)
+    warnings = [line for line in result.stderr.splitlines() if "[cae-train] warning:" in line]
+    report("W&B folder full", f"exit {result.returncode}; warnings {warnings}", time.monotonic() - began)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_steps(out) == [2, 4, 6, 8]
+    assert [r["step"] for r in metrics(out) if "test/bce" in r] == [4, 8]
+    assert (out / "model.safetensors").is_file()
+    assert len(warnings) == 1 and "W&B" in warnings[0] and "No space left" in warnings[0], result.stderr[
+        -3000:
+    ]
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr, result.stderr[-3000:]
+
+
 def test_unreachable_wandb_warns_once_and_training_finishes(unreachable_wandb):
     """A bad key and a refused connection: one warning line, the run finishes, and the offline
     fallback keeps the W&B record."""
