@@ -329,6 +329,9 @@ class Trainer:
         self.loss_sum += torch.where(bad, torch.zeros_like(loss), loss)
 
     def _eager_step(self, images: torch.Tensor) -> torch.Tensor:
+        # Clear first: after a --fast capture the parameters' .grad are the graph's static buffers,
+        # which this backward must not accumulate into.
+        self.optimizer.zero_grad(set_to_none=True)
         clean = to_unit_float(images)
         inputs = clean
         if self.noise is not None:
@@ -345,7 +348,6 @@ class Trainer:
             self._guarded_optimizer_step(torch.isfinite(loss))
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def _guarded_optimizer_step(self, finite: torch.Tensor) -> None:
