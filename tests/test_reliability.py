@@ -23,7 +23,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -175,6 +177,27 @@ def mount_tmpfs(where: Path, options: str) -> bool:
 
 def unmount(where: Path) -> None:
     subprocess.run(["umount", str(where)], capture_output=True, check=False)
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` mounted at `where` for the block; skips the test where mounting is not allowed."""
+    if not mount_tmpfs(where, f"size={size}"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield
+    finally:
+        unmount(where)
+
+
+def fill_up(folder: Path) -> None:
+    """Write zeros into folder/filler until its file system is full."""
+    with (folder / "filler").open("wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+        except OSError:
+            pass
 
 
 def report(fault: str, outcome: str, seconds: float) -> None:
@@ -577,41 +600,32 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_names_the_path
     began = time.monotonic()
     out = tmp_path / "out"
     checkpoints = out / "checkpoints"
-    if not mount_tmpfs(checkpoints, "size=1m"):
-        pytest.skip("mounting a tmpfs is not permitted here")
-    try:
+    with small_tmpfs(checkpoints, "1m"):
         run = train_in_background("--data", str(tiny_data), "--out", str(out), *RECIPE, "--max-steps", "64")
         try:
             wait_until(run, lambda: (step_dir(out, 7) / "MANIFEST.json").is_file(), "the first checkpoint")
-            with (checkpoints / "filler").open("wb") as filler:  # the disk fills up
-                try:
-                    while True:
-                        filler.write(b"\0" * 65536)
-                        filler.flush()
-                except OSError:
-                    pass
+            fill_up(checkpoints)
             rc = run.wait(timeout=180)
         finally:
             run.stop()
         stderr = run.text("err")
         survivors = checkpoint_dirs(checkpoints)
+        survivors_verify = all(problem_with(c) is None for c in survivors)
         leftovers = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-"))
-        report(
-            "disk full at a checkpoint",
-            f"exit {rc}, survivors {[p.name for p in survivors]}, leftovers {leftovers}; {stderr.splitlines()[-1]}",
-            time.monotonic() - began,
-        )
-        assert survivors and all(problem_with(c) is None for c in survivors)
-        assert not (out / "model.safetensors").exists()
-        warned, error = warnings_and_error(stderr)
-        assert not warned and rc == 2
-        failed = re.fullmatch(r"error: could not write checkpoint (\S+/step_(\d{7})): (.*)", error)
-        assert failed, error
-        assert int(failed.group(2)) > int(survivors[0].name.split("_")[1])
-        assert f"previous checkpoint ({survivors[0]}) is intact" in failed.group(3)
-        assert leftovers == []
-    finally:
-        unmount(checkpoints)
+    report(
+        "disk full at a checkpoint",
+        f"exit {rc}, survivors {[p.name for p in survivors]}, leftovers {leftovers}; {stderr.splitlines()[-1]}",
+        time.monotonic() - began,
+    )
+    assert survivors and survivors_verify
+    assert not (out / "model.safetensors").exists()
+    warned, error = warnings_and_error(stderr)
+    assert not warned and rc == 2
+    failed = re.fullmatch(r"error: could not write checkpoint (\S+/step_(\d{7})): (.*)", error)
+    assert failed, error
+    assert int(failed.group(2)) > int(survivors[0].name.split("_")[1])
+    assert f"previous checkpoint ({survivors[0]}) is intact" in failed.group(3)
+    assert leftovers == []
 
 
 # ----------------------------------------------------------------------------------- W&B
@@ -623,21 +637,12 @@ def test_full_wandb_folder_warns_once_and_training_finishes(tiny_data, tmp_path)
     began = time.monotonic()
     out = tmp_path / "out"
     wandb_dir = out / "wandb"
-    if not mount_tmpfs(wandb_dir, "size=64k"):
-        pytest.skip("mounting a tmpfs is not permitted here")
-    try:
-        with (wandb_dir / "filler").open("wb", buffering=0) as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 4096)
-            except OSError:
-                pass
+    with small_tmpfs(wandb_dir, "64k"):
+        fill_up(wandb_dir)
         args = ["--data", str(tiny_data), "--out", str(out), "--batch-size", str(BATCH), "--max-steps", "8"]
         result = train(
             *args, "--log-every", "2", "--eval-every", "4", "--wandb-mode", "offline", env=clean_env()
         )
-    finally:
-        unmount(wandb_dir)
     warnings = [line for line in result.stderr.splitlines() if "[cae-train] warning:" in line]
     report("W&B folder full", f"exit {result.returncode}; warnings {warnings}", time.monotonic() - began)
     assert result.returncode == 0, result.stderr[-3000:]
