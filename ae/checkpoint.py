@@ -19,9 +19,9 @@ from typing import Any
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
+from ae.beton import sha256_file
 from ae.errors import UserError, warn
 from ae.files import atomic_write, fsync_path
-from data_prep.manifest import sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"

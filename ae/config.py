@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ae.errors import UserError
+from ae.errors import OneLineParser, UserError
 from ae.noise import parse_noise
 
 
@@ -43,16 +43,9 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a one-line UserError instead of usage text and exit 2."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `python train.py --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
-        prog="train.py",
+    p = OneLineParser(
+        prog="python train.py",
         description="Train the CIFAR-10 convolutional autoencoder. Defaults are the study's recipe.",
     )
     p.add_argument("--data", type=Path, required=True, help="folder made by `python -m data_prep`")

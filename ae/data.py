@@ -20,8 +20,7 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-from data_prep.manifest import beton_path
-from data_prep.preview import BetonFile
+from ae.beton import BetonFile, beton_path
 
 EVAL_BATCH_SIZE = 1000
 # torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.

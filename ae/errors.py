@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -36,3 +37,10 @@ def friendly_errors(main: Callable[..., R]) -> Callable[..., R]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line UserErrors (exit 2, no usage dump); `prog` is the command."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")

@@ -23,13 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ae.errors import UserError, friendly_errors
-from ae.weights import OneLineParser, load_model, noise_arg, resolve_device, resolve_model_path
+from ae.errors import OneLineParser, UserError, friendly_errors
+from ae.weights import load_model, noise_arg, resolve_device, resolve_model_path
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(
-        prog="ae.evaluate", description="Test-split metrics of a trained model, as one JSON line."
+        prog="python -m ae.evaluate", description="Test-split metrics of a trained model, as one JSON line."
     )
     p.add_argument("--model", required=True, help="OUT/model.safetensors written by train.py")
     p.add_argument(
@@ -54,7 +54,7 @@ def evaluate(
     verify_data: bool = True,
 ) -> dict[str, Any]:
     """The test metrics of the weights in `model_path` on `data_dir`'s test split, keyed as printed."""
-    from data_prep.manifest import load_manifest, verify_beton
+    from ae.beton import load_manifest, verify_beton
 
     manifest = load_manifest(data_dir)  # the cheap checks first: no torch or FFCV needed for them
     verify_beton(data_dir, "test", manifest, check_hash=verify_data)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ae.errors import UserError, friendly_errors
+from ae.errors import OneLineParser, UserError, friendly_errors
 from ae.files import atomic_write, png_bytes
-from ae.weights import OneLineParser, load_model, noise_arg, resolve_device
+from ae.weights import load_model, noise_arg, resolve_device
 
 if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable images are reported at once
     import torch
@@ -379,7 +379,7 @@ def output_names(paths: list[Path], out: Path) -> dict[Path, Path]:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(
-        prog="ae.reconstruct",
+        prog="python -m ae.reconstruct",
         description="Reconstruct images of any size with a trained autoencoder; outputs keep the input size.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of images")

@@ -22,9 +22,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from ae.errors import UserError, friendly_errors, warn
+from ae.errors import OneLineParser, UserError, friendly_errors, warn
 from ae.files import atomic_write
-from ae.weights import OneLineParser
 
 REPORT_DIR = "report"
 PLOTS = ("loss", "psnr", "speed")
@@ -268,7 +267,9 @@ def write_report(out: Path) -> list[Path]:
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="ae.report", description="Plots and a Markdown report from OUT/metrics.jsonl.")
+    p = OneLineParser(
+        prog="python -m ae.report", description="Plots and a Markdown report from OUT/metrics.jsonl."
+    )
     p.add_argument("out", type=Path, metavar="OUT", help="the run folder (train.py --out)")
     return p
 

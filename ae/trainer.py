@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ae import checkpoint
+from ae.beton import load_manifest, verify_beton
 from ae.config import TrainConfig
 from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, read_split
 from ae.errors import UserError
@@ -36,7 +37,6 @@ from ae.metrics import bce_loss, reconstruction_grid, split_sums, summarize, to_
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
 from ae.tracking import RunLogger, default_wandb_mode
-from data_prep.manifest import load_manifest, verify_beton
 
 GRID_IMAGES = 16
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)

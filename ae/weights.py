@@ -6,7 +6,6 @@ truncated, foreign or wrong-shaped file is reported the same way: which file, wh
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,10 +125,3 @@ def noise_arg(spec: str | None) -> Corruption | None:
             f"--noise {spec!r} is not valid: use a sigma >= 0 (e.g. 0.1), gaussian:SIGMA or saltpepper:P"
         )
     return Corruption("gaussian", sigma)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line UserErrors (exit 2, no usage dump)."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `python -m {self.prog} --help`)")

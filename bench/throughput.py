@@ -121,33 +121,34 @@ def _write_beton(path: Path, images: np.ndarray) -> None:
 
 def make_synthetic_data(folder: Path, n_train: int, n_test: int) -> tuple[Path, np.ndarray]:
     """A prepared data folder (betons + manifest.json) of synthetic images; returns it and the train images."""
-    from data_prep import manifest as mf
+    from ae import beton
+    from data_prep.stats import pixel_stats
 
     folder.mkdir(parents=True, exist_ok=True)
     images = synthetic_images(n_train + n_test)
     splits = {"train": images[:n_train], "test": images[n_train:]}
     entries = {}
     for split, split_images in splits.items():
-        path = mf.beton_path(folder, split)
+        path = beton.beton_path(folder, split)
         _write_beton(path, split_images)
-        pixel_mean, bce_floor = mf.pixel_stats(split_images)
+        pixel_mean, bce_floor = pixel_stats(split_images)
         entries[split] = {
             "file": path.name,
             "count": len(split_images),
             "classes": ["synthetic"],
             "image_shape": list(split_images.shape[1:]),
-            "sha256": mf.sha256_file(path),
+            "sha256": beton.sha256_file(path),
             "size_bytes": path.stat().st_size,
             "pixel_mean": pixel_mean,
             "bce_floor": bce_floor,
         }
     manifest = {
-        "format_version": mf.FORMAT_VERSION,
+        "format_version": beton.FORMAT_VERSION,
         "source": {"kind": "image-folder", "path": str(folder), "downloaded": False},
         "limit": None,
         "splits": entries,
     }
-    mf.manifest_path(folder).write_text(json.dumps(manifest, indent=2) + "\n")
+    beton.manifest_path(folder).write_text(json.dumps(manifest, indent=2) + "\n")
     torch.set_num_threads(TORCH_THREADS)
     return folder, splits["train"]
 
@@ -155,10 +156,9 @@ def make_synthetic_data(folder: Path, n_train: int, n_test: int) -> tuple[Path, 
 def load_train_images(data_dir: Path) -> np.ndarray:
     """The train split of a prepared folder as uint8 N x 32 x 32 x 3 (HWC), for the (a) path.
 
-    Read with numpy (data_prep.preview), so that this process never imports FFCV.
+    Read with numpy (ae.beton), so that this process never imports FFCV.
     """
-    from data_prep.manifest import beton_path
-    from data_prep.preview import read_beton
+    from ae.beton import beton_path, read_beton
 
     return read_beton(beton_path(data_dir, "train"))[0]
 

@@ -3,7 +3,8 @@
     python -m data_prep --out DIR [--source PATH] [--limit N] [--force]
     python -m data_prep.preview DIR/train.beton --out grid.png [--per-class 8]
 
-The trainer reads DIR through `data_prep.manifest` (load_manifest, beton_path, verify_beton).
+The format of DIR (paths, manifest schema, checks, a numpy reader) lives in `ae.beton`, which this
+package builds on; nothing in `ae` imports `data_prep`.
 Importing this package is cheap: FFCV and torchvision are imported only when needed.
 """
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
-from ae.errors import friendly_errors
+from ae.errors import OneLineParser, friendly_errors
 from data_prep.sources import ACCEPTED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m data_prep",
         description=(
             "Write CIFAR-10 as FFCV betons (DIR/train.beton, DIR/test.beton, raw 32x32 RGB pixels, "

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ae import beton
 from ae.errors import UserError
 from ae.files import fsync_path
-from data_prep import manifest as mf
 from data_prep.sources import (
     SPLITS,
     SourceSpec,
@@ -39,6 +39,7 @@ from data_prep.sources import (
     one_line,
     read_source,
 )
+from data_prep.stats import pixel_stats
 
 LOCK_NAME = ".data_prep.lock"
 _TMP_SUFFIX = ".tmp"
@@ -167,14 +168,14 @@ def write_beton(
 
 def _read_existing(out: Path) -> tuple[dict | None, str | None]:
     """(manifest, None) for a valid manifest, (None, problem) for an invalid one, (None, None) if none."""
-    path = mf.manifest_path(out)
+    path = beton.manifest_path(out)
     if not path.exists():
         return None, None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         return None, " ".join(str(err).split()) or type(err).__name__
-    problem = mf.check_manifest(data)
+    problem = beton.check_manifest(data)
     return (None, problem) if problem else (data, None)
 
 
@@ -184,7 +185,7 @@ def _describe_config(source: dict, limit: int | None) -> str:
 
 def _betons_match(out: Path, manifest: dict) -> bool:
     for split in SPLITS:
-        path = mf.beton_path(out, split)
+        path = beton.beton_path(out, split)
         if not path.is_file() or path.stat().st_size != manifest["splits"][split]["size_bytes"]:
             return False
     return True
@@ -226,7 +227,7 @@ def _umask() -> int:
 
 def _remove_stale_temps(out: Path) -> None:
     """Remove temporary files left by runs that were killed (their process no longer exists)."""
-    for name in [mf.beton_path(out, split).name for split in SPLITS] + [mf.MANIFEST_NAME]:
+    for name in [beton.beton_path(out, split).name for split in SPLITS] + [beton.MANIFEST_NAME]:
         for path in out.glob(f".{name}.*{_TMP_SUFFIX}"):
             pid_text = path.name[len(name) + 2 :].split(".", 1)[0]  # .{name}.{pid}.{random}.tmp
             if pid_text.isdigit() and int(pid_text) != os.getpid():
@@ -308,7 +309,7 @@ def _prepare_locked(
     if not force:
         if problem is not None:
             raise UserError(
-                f"{mf.manifest_path(out)} exists but is not a data_prep manifest ({problem}); "
+                f"{beton.manifest_path(out)} exists but is not a data_prep manifest ({problem}); "
                 f"pass --force to overwrite it, or choose another --out"
             )
         if existing is not None:
@@ -354,7 +355,7 @@ def _write_outputs(
     try:
         entries = {}
         for split in SPLITS:
-            final = mf.beton_path(out, split)
+            final = beton.beton_path(out, split)
             temps[split] = temp = _temp_path(out, final.name)
             started = time.perf_counter()
             try:
@@ -362,14 +363,14 @@ def _write_outputs(
                 fsync_path(temp)
             except OSError as err:
                 raise UserError(f"could not write {final} ({one_line(err)}); is the disk full?") from None
-            pixel_mean, bce_floor = mf.pixel_stats(splits[split].images)
+            pixel_mean, bce_floor = pixel_stats(splits[split].images)
             size = temp.stat().st_size
             entries[split] = {
                 "file": final.name,
                 "count": len(splits[split]),
                 "classes": list(splits[split].classes),
                 "image_shape": list(splits[split].images.shape[1:]),
-                "sha256": mf.sha256_file(temp),
+                "sha256": beton.sha256_file(temp),
                 "size_bytes": size,
                 "pixel_mean": pixel_mean,
                 "bce_floor": bce_floor,
@@ -379,23 +380,23 @@ def _write_outputs(
                 f"bce_floor {bce_floor:.5f}, in {time.perf_counter() - started:.1f} s"
             )
         manifest = {
-            "format_version": mf.FORMAT_VERSION,
+            "format_version": beton.FORMAT_VERSION,
             "source": spec.as_manifest(),
             "limit": limit,
             "splits": entries,
         }
-        temps["manifest"] = temp = _temp_path(out, mf.MANIFEST_NAME)
+        temps["manifest"] = temp = _temp_path(out, beton.MANIFEST_NAME)
         temp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_path(temp)
         # Commit: drop the old manifest first, so a crash in between leaves no manifest that
         # describes betons it does not match; the new manifest goes in last.
         with contextlib.suppress(FileNotFoundError):
-            mf.manifest_path(out).unlink()
+            beton.manifest_path(out).unlink()
         for split in SPLITS:
-            os.replace(temps.pop(split), mf.beton_path(out, split))
-        os.replace(temps.pop("manifest"), mf.manifest_path(out))
+            os.replace(temps.pop(split), beton.beton_path(out, split))
+        os.replace(temps.pop("manifest"), beton.manifest_path(out))
         _fsync_dir(out)
-        log(f"wrote {mf.manifest_path(out)}")
+        log(f"wrote {beton.manifest_path(out)}")
         return manifest
     finally:
         for temp in temps.values():

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ae import beton
+from ae.beton import read_beton
 from ae.errors import UserError
-from data_prep import manifest as mf
 from data_prep import sources
-from data_prep.preview import read_beton
+from data_prep.stats import pixel_stats
 from data_prep.writer import prepare
 from tests.synthetic import (
     CIFAR10_CLASSES,
@@ -88,7 +89,7 @@ def numpy_stats(images: np.ndarray) -> tuple[np.ndarray, float]:
 def check_output(
     data: Path, expected: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], use_ffcv: bool = False
 ):
-    manifest = mf.load_manifest(data)
+    manifest = beton.load_manifest(data)
     assert manifest["format_version"] == 1
     for split, (images, labels, classes) in expected.items():
         entry = manifest["splits"][split]
@@ -99,12 +100,12 @@ def check_output(
         assert entry["count"] == len(images)
         assert entry["classes"] == list(classes)
         assert entry["image_shape"] == [32, 32, 3]
-        assert entry["sha256"] == mf.sha256_file(data / entry["file"])
+        assert entry["sha256"] == beton.sha256_file(data / entry["file"])
         assert entry["size_bytes"] == (data / entry["file"]).stat().st_size
         mean, bce = numpy_stats(images)
         np.testing.assert_allclose(entry["pixel_mean"], mean, rtol=0, atol=1e-12)
         assert entry["bce_floor"] == pytest.approx(bce, abs=1e-12)
-        mf.verify_beton(data, split, manifest)
+        beton.verify_beton(data, split, manifest)
     assert not [p.name for p in data.iterdir() if p.name.endswith(".tmp")]
     return manifest
 
@@ -163,7 +164,7 @@ def test_cli_prints_source_and_writes(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "data"), "--source", str(src), "--limit", "5"]) == 0
     out = capsys.readouterr().out
     assert f"source: image folder {src.resolve()} (train 12, test 6, 2 classes)" in out
-    assert mf.load_manifest(tmp_path / "data")["splits"]["test"]["count"] == 5
+    assert beton.load_manifest(tmp_path / "data")["splits"]["test"]["count"] == 5
 
 
 def test_progress_bar_shown(tmp_path, capsys):
@@ -207,7 +208,7 @@ def test_shared_jpeg_full_bce_floor(tmp_path):
 
 def test_rerun_is_up_to_date_and_deterministic(tmp_path):
     data = prepare_betons(tmp_path, n_train=16, n_test=8)
-    first = mf.load_manifest(data)
+    first = beton.load_manifest(data)
     stamp = (data / "train.beton").stat().st_mtime_ns
     messages = []
     prepare(data, source=tmp_path / "source", progress=False, log=messages.append)
@@ -220,7 +221,7 @@ def test_rerun_is_up_to_date_and_deterministic(tmp_path):
     # a missing beton is written again without --force
     (data / "test.beton").unlink()
     quiet_prepare(data, tmp_path / "source")
-    mf.verify_beton(data, "test", mf.load_manifest(data))
+    beton.verify_beton(data, "test", beton.load_manifest(data))
 
 
 def test_refuses_other_source_without_force(tmp_path):
@@ -247,7 +248,7 @@ def test_refuses_foreign_manifest_without_force(tmp_path):
     (data / "manifest.json").write_text('{"something": "else"}')
     assert_one_line_error(run_cli("--out", data, "--source", src), "manifest.json", "--force")
     quiet_prepare(data, src, force=True)
-    mf.load_manifest(data)
+    beton.load_manifest(data)
 
 
 def test_corrupt_image_late_leaves_nothing_or_old_data(tmp_path):
@@ -427,39 +428,39 @@ def test_bad_limit(tmp_path):
 
 def test_manifest_api_errors(tmp_path):
     with pytest.raises(UserError, match="python -m data_prep"):
-        mf.load_manifest(tmp_path / "nothing")
+        beton.load_manifest(tmp_path / "nothing")
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="python -m data_prep"):
-        mf.load_manifest(tmp_path)
+        beton.load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2}))
     with pytest.raises(UserError, match="format_version"):
-        mf.load_manifest(tmp_path)
+        beton.load_manifest(tmp_path)
 
 
 def test_verify_beton_detects_changes(tmp_path):
     data = prepare_betons(tmp_path, n_train=16, n_test=8)
-    manifest = mf.load_manifest(data)
-    assert mf.beton_path(data, "train") == data / "train.beton"
+    manifest = beton.load_manifest(data)
+    assert beton.beton_path(data, "train") == data / "train.beton"
     path = data / "train.beton"
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    mf.verify_beton(data, "train", manifest, check_hash=False)  # same size: passes without the hash
+    beton.verify_beton(data, "train", manifest, check_hash=False)  # same size: passes without the hash
     with pytest.raises(UserError, match="--no-verify-data") as err:
-        mf.verify_beton(data, "train", manifest)
+        beton.verify_beton(data, "train", manifest)
     assert "train.beton" in str(err.value) and "--force" in str(err.value)
     path.write_bytes(bytes(raw[:-10]))
     with pytest.raises(UserError, match="corrupt or was replaced"):
-        mf.verify_beton(data, "train", manifest, check_hash=False)
+        beton.verify_beton(data, "train", manifest, check_hash=False)
     path.unlink()
     with pytest.raises(UserError, match="missing"):
-        mf.verify_beton(data, "train", manifest, check_hash=False)
+        beton.verify_beton(data, "train", manifest, check_hash=False)
 
 
 def test_pixel_stats_extremes():
     images = np.zeros((2, 2, 2, 3), dtype=np.uint8)
     images[1] = 255
-    mean, bce = mf.pixel_stats(images)
+    mean, bce = pixel_stats(images)
     assert mean == [0.5, 0.5, 0.5] and bce == 0.0
     half = np.full((1, 1, 1, 3), 128, dtype=np.uint8)
-    assert mf.pixel_stats(half)[1] == pytest.approx(numpy_stats(half)[1], abs=1e-15)
+    assert pixel_stats(half)[1] == pytest.approx(numpy_stats(half)[1], abs=1e-15)

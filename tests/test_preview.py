@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ae.beton import BetonFile, read_beton
 from ae.errors import UserError
 from data_prep import preview
 from tests.synthetic import prepare_betons, read_image_folder
@@ -64,7 +65,7 @@ def test_grid_png(data, tmp_path):
 def test_numbers_without_manifest(data, tmp_path):
     beton = tmp_path / "copy.beton"
     beton.write_bytes((data / "test.beton").read_bytes())
-    assert preview.class_names_for(beton, preview.BetonFile(beton).labels) == ["0", "1", "2"]
+    assert preview.class_names_for(beton, BetonFile(beton).labels) == ["0", "1", "2"]
     out = tmp_path / "grid.png"
     assert preview.main([str(beton), "--out", str(out), "--per-class", "2"]) == 0
     with Image.open(out) as im:
@@ -72,7 +73,7 @@ def test_numbers_without_manifest(data, tmp_path):
 
 
 def test_read_beton_matches_source(data):
-    images, labels = preview.read_beton(data / "test.beton")
+    images, labels = read_beton(data / "test.beton")
     expected, expected_labels, _ = read_image_folder(data.parent / "source", "test")
     np.testing.assert_array_equal(images, expected)
     np.testing.assert_array_equal(labels, expected_labels)
@@ -95,4 +96,4 @@ def test_missing_and_corrupt_betons(data, tmp_path):
     _one_line(run_preview(truncated, "--out", tmp_path / "g.png"), "truncated.beton")
     assert not (tmp_path / "g.png").exists()
     with pytest.raises(UserError, match="corrupt beton"):
-        preview.BetonFile(truncated)
+        BetonFile(truncated)

@@ -1,7 +1,6 @@
-"""The data directory's manifest.json: what data_prep wrote, and checks that the betons are still it.
+"""The on-disk dataset format: a data folder written by `python -m data_prep --out DIR ...`.
 
-A data directory written by `python -m data_prep --out DIR ...` holds `train.beton`, `test.beton`
-and `manifest.json`:
+DIR holds `train.beton`, `test.beton` and `manifest.json`:
 
     {"format_version": 1,
      "source": {"kind": "image-folder", "path": "/abs/path", "downloaded": false},
@@ -11,13 +10,17 @@ and `manifest.json`:
                           "pixel_mean": [r, g, b], "bce_floor": 0.5476},
                 "test": {...}}}
 
-This module only needs numpy and the standard library, so the trainer can import it cheaply.
+This module owns that format: the paths, the manifest schema (load, check), the size and SHA-256
+checks of the betons, and `BetonFile`, a numpy reader of the raw betons data_prep writes (no FFCV
+import, which takes seconds). It needs numpy and the standard library only, so it imports cheaply.
+`data_prep` writes the format; `ae` reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,6 @@ SPLITS = ("train", "test")
 SOURCE_KINDS = ("image-folder", "cifar-python-archive", "cifar-python-folder")
 IMAGE_SHAPE = (32, 32, 3)
 _CHUNK = 4 << 20  # 4 MiB reads for hashing
-_HIST_ROWS = 1 << 22
 
 
 def manifest_path(data_dir: Path) -> Path:
@@ -160,35 +162,112 @@ def verify_beton(data_dir: Path, split: str, manifest: dict[str, Any], check_has
             )
 
 
-def binary_entropy_table() -> np.ndarray:
-    """H(p) = -(p ln p + (1-p) ln(1-p)) for p = v/255, v = 0..255, with 0 ln 0 = 0 (float64)."""
-    p = np.arange(256, dtype=np.float64) / 255.0
-    q = 1.0 - p
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(q > 0, q * np.log(q), 0.0))
-    return h
+# The beton layout of FFCV 1.0.2 (ffcv/types.py, ffcv/fields/*.py), file format version 2.
+BETON_VERSION = 2
+_HEADER = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
+_FIELD_DESC = np.dtype(
+    [("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True
+)
+_TYPE_INT, _TYPE_RGB = 1, 2
+_FIELD_METADATA = {
+    _TYPE_INT: np.dtype("<i8"),
+    _TYPE_RGB: np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")]),
+}
+_MODE_RAW = 1
 
 
-def pixel_stats(images: np.ndarray) -> tuple[list[float], float]:
-    """Per-channel mean of x/255 and the mean binary entropy of x/255 over all pixels and channels.
+class BetonFile:
+    """A beton with an RGB `image` field stored raw and an int `label` field, read with numpy."""
 
-    The entropy is the lowest mean binary cross-entropy any reconstruction of these images can reach
-    (targets are the pixel values themselves). Both are computed exactly from 256-bin histograms.
-    `images` is uint8 with channels last.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim < 2 or images.size == 0:
-        raise ValueError("pixel_stats needs a non-empty uint8 array with channels last")
-    channels = images.reshape(-1, images.shape[-1])
-    levels = np.arange(256, dtype=np.float64)
-    entropy = binary_entropy_table()
-    means = []
-    total_hist = np.zeros(256, dtype=np.int64)
-    for c in range(channels.shape[1]):
-        hist = np.zeros(256, dtype=np.int64)
-        for start in range(0, len(channels), _HIST_ROWS):  # chunks: bincount widens to int64
-            hist += np.bincount(channels[start : start + _HIST_ROWS, c], minlength=256)
-        total_hist += hist
-        means.append(float(hist @ levels / (255.0 * hist.sum())))
-    bce_floor = float(total_hist @ entropy / total_hist.sum())
-    return means, bce_floor
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"beton not found: {self.path} (run `python -m data_prep --out DIR ...` first)")
+        try:
+            self._open()
+        except UserError:
+            raise
+        except (OSError, ValueError, IndexError, KeyError) as err:
+            self._corrupt(" ".join(str(err).split()) or type(err).__name__)
+
+    def _corrupt(self, why: str) -> None:
+        raise UserError(
+            f"corrupt beton {self.path} ({why}): re-run `python -m data_prep --out DIR --source ... --force`"
+        )
+
+    def _open(self) -> None:
+        size = self.path.stat().st_size
+        if size < _HEADER.itemsize:
+            self._corrupt(f"only {size} bytes")
+        header = np.fromfile(self.path, dtype=_HEADER, count=1)[0]
+        if int(header["version"]) != BETON_VERSION:
+            self._corrupt(f"not an FFCV beton of format version {BETON_VERSION}")
+        n_fields, n = int(header["num_fields"]), int(header["num_samples"])
+        fields_end = _HEADER.itemsize + n_fields * _FIELD_DESC.itemsize
+        if not 0 < n_fields <= 16 or fields_end > size:
+            self._corrupt(f"{n_fields} fields")
+        descs = np.fromfile(self.path, dtype=_FIELD_DESC, count=n_fields, offset=_HEADER.itemsize)
+        names, types = [], []
+        for desc in descs:
+            names.append(bytes(desc["name"]).split(b"\0", 1)[0].decode("ascii", "replace"))
+            types.append(int(desc["type_id"]))
+        if names.count("image") != 1 or names.count("label") != 1:
+            self._corrupt(f"fields are {names}, expected image and label")
+        if types[names.index("image")] != _TYPE_RGB or types[names.index("label")] != _TYPE_INT:
+            self._corrupt("image must be an RGB image field and label an int field")
+        if any(t not in _FIELD_METADATA for t in types):
+            self._corrupt(f"field types {types} not supported here")
+        metadata_type = np.dtype([("", _FIELD_METADATA[t]) for t in types], align=True)
+        if fields_end + n * metadata_type.itemsize > size:
+            self._corrupt(f"file too short for {n} samples")
+        metadata = np.fromfile(self.path, dtype=metadata_type, count=n, offset=fields_end)
+        image_meta = metadata[metadata_type.names[names.index("image")]]
+        self.labels = np.asarray(metadata[metadata_type.names[names.index("label")]], dtype=np.int64)
+        if n and not np.all(image_meta["mode"] == _MODE_RAW):
+            self._corrupt("images are not stored raw (this reader handles data_prep's raw betons only)")
+        heights, widths = image_meta["height"].astype(np.int64), image_meta["width"].astype(np.int64)
+        if n and (
+            np.any(heights != heights[0]) or np.any(widths != widths[0]) or heights[0] == 0 or widths[0] == 0
+        ):
+            self._corrupt("images differ in size")
+        self.shape = (int(heights[0]), int(widths[0]), 3) if n else (0, 0, 3)
+        self.pointers = image_meta["data_ptr"].astype(np.int64)
+        nbytes = int(np.prod(self.shape))
+        if n and (self.pointers.min() < fields_end or self.pointers.max() + nbytes > size):
+            self._corrupt("image data lies outside the file")
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images(self, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Images (all, or those at `indices`) as N x H x W x 3 uint8."""
+        indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        nbytes = int(np.prod(self.shape))
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        if len(indices) == 0:
+            return out
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._size,))
+        try:
+            flat = out.reshape(len(indices), nbytes)
+            for i, index in enumerate(indices):
+                ptr = int(self.pointers[index])
+                flat[i] = data[ptr : ptr + nbytes]
+        finally:
+            del data
+        return out
+
+
+def read_beton(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 32 x 32 x 3 uint8, labels N int64) of a data_prep beton, in file order."""
+    beton = BetonFile(path)
+    return beton.images(), beton.labels
