@@ -28,8 +28,9 @@ from ae.errors import warn
 from ae.files import atomic_write, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
-# Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value).
-BEST_SUMMARIES = {"test/psnr_db": "max", "test/bce": "min", "train/loss": "min"}
+# Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
+# the step time's summary is the run's median, set at the end (`set_summary`).
+SUMMARIES = {"test/psnr_db": "max", "test/bce": "min", "train/loss": "min", "train/step_time_ms": "none"}
 
 
 def run_name(out: Path) -> str:
@@ -179,7 +180,7 @@ class RunLogger:
                     f"W&B could not start {failures[0]}; logging offline instead (upload later with "
                     f"`wandb sync {out / 'wandb'}/offline-run-*`)"
                 )
-            print(f"[cae-train] W&B run {run_id} ({attempt_mode}) in {out / 'wandb'}", flush=True)
+            print(f"[cae-train] W&B run {name} (id {run_id}, {attempt_mode}) in {out / 'wandb'}", flush=True)
             return
         warn(f"W&B could not start {' or '.join(failures)}; metrics still go to metrics.jsonl")
 
@@ -187,7 +188,7 @@ class RunLogger:
         self.run.define_metric("step")
         for pattern in ("train/*", "test/*"):
             self.run.define_metric(pattern, step_metric="step")
-        for key, summary in BEST_SUMMARIES.items():
+        for key, summary in SUMMARIES.items():
             self.run.define_metric(key, step_metric="step", summary=summary)
 
     def _wandb_call(self, what: str, call: Callable[[], Any]) -> None:
