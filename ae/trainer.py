@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ae import checkpoint
-from ae.beton import BetonFile, beton_path, load_manifest, verify_beton
+from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig
 from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, eval_shard, read_split
 from ae.errors import UserError
@@ -523,9 +523,7 @@ class Trainer:
                 "step": self.step,
                 "test": self.final_metrics,
                 "git_commit": _git_commit(),
-                "data_sha256": {
-                    split: self.manifest["splits"][split]["sha256"] for split in ("train", "test")
-                },
+                "data_sha256": {split: self.manifest["splits"][split]["sha256"] for split in SPLITS},
             }
             self.logger.log_model(path, metadata, self.step)
         acc.wait_for_everyone()
@@ -550,16 +548,16 @@ class Trainer:
         )
         rows = summarize_classes(acc.reduce(sums, "sum"), test["classes"])
         if acc.is_main_process:
-            examples = {}
-            for row in rows:
-                index = int((labels == test["classes"].index(row["class"])).argmax())
-                image = torch.from_numpy(test_beton.images([index]))
-                clean = to_unit_float(image.permute(0, 3, 1, 2).to(self.device))
-                inputs = clean
-                if self.noise is not None:
-                    inputs = self.noise.apply(clean, noise_generator(self.device, 0, 0, 0))
-                pair = torch.cat([inputs, model.reconstruct(inputs)])
-                examples[row["class"]] = reconstruction_grid([pair]).numpy()
+            first = [int((labels == test["classes"].index(row["class"])).argmax()) for row in rows]
+            images = torch.from_numpy(test_beton.images(first)).permute(0, 3, 1, 2).to(self.device)
+            inputs = to_unit_float(images)
+            if self.noise is not None:
+                inputs = self.noise.apply(inputs, noise_generator(self.device, 0, 0, 0))
+            outputs = model.reconstruct(inputs)
+            examples = {
+                row["class"]: reconstruction_grid([torch.stack([inputs[i], outputs[i]])]).numpy()
+                for i, row in enumerate(rows)
+            }
             self.logger.log_per_class(rows, examples, self.step)
         model.train()
 
