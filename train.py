@@ -1,11 +1,15 @@
 """Train the CIFAR-10 convolutional autoencoder.
 
-    accelerate launch [--config_file accelerate_config.yaml] train.py --data DIR --out OUT [flags]
-    python train.py --data DIR --out OUT [flags]          # one device, no launcher
+    accelerate launch [--config_file accelerate_config.yaml] train.py [--data DIR] [--out OUT] [flags]
+    python train.py [--data DIR] [--out OUT] [flags]      # one device, no launcher
 
-Rerunning the same command with the same --out resumes from the latest checkpoint.
+--data (default data/cifar10) is prepared first when it holds no data: from --source, else
+$CIFAR_SOURCE, else a torchvision download. Rerunning the same command with the same --out
+(default runs/cifar10) resumes from the latest checkpoint.
 `python train.py --help` lists the flags; the defaults are the study's recipe.
 """
+
+import os
 
 from ae.launch import relaunch_cpu_processes_if_needed
 
@@ -13,11 +17,18 @@ relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace t
 
 from ae.config import parse_args  # noqa: E402
 from ae.errors import friendly_errors  # noqa: E402
+from data_prep.missing import prepare_if_missing  # noqa: E402
+
+
+def _say(message: str) -> None:
+    print(f"[cae-train] {message}", flush=True)
 
 
 @friendly_errors
 def main() -> None:
     cfg = parse_args()  # bad flags fail fast, before the heavy imports below
+    # Before the process group forms: a long download must not run into --dist-timeout.
+    prepare_if_missing(cfg.data, cfg.source, preparer=os.environ.get("LOCAL_RANK", "0") == "0", log=_say)
     from ae.trainer import Trainer
 
     Trainer(cfg).fit()

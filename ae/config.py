@@ -10,11 +10,16 @@ from pathlib import Path
 from ae.errors import OneLineParser, UserError
 from ae.noise import parse_noise
 
+DEFAULT_DATA = Path("data/cifar10")
+DEFAULT_OUT = Path("runs/cifar10")
+SOURCE_ENV = "CIFAR_SOURCE"
+
 
 @dataclass
 class TrainConfig:
-    data: Path
-    out: Path
+    data: Path = DEFAULT_DATA
+    out: Path = DEFAULT_OUT
+    source: str | None = None  # where to prepare --data from when it holds no prepared data
     epochs: int = 100
     batch_size: int = 128  # per process
     lr: float = 1e-3
@@ -26,6 +31,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     wandb_mode: str | None = None  # None: online if logged in, else offline
     wandb_project: str = "cae-train"
+    wandb_group: str | None = None  # None: $WANDB_RUN_GROUP, else no group
     fresh: bool = False
     mixed_precision: str | None = None  # None: from the accelerate config / launcher
     cpu: bool = False
@@ -48,8 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python train.py",
         description="Train the CIFAR-10 convolutional autoencoder. Defaults are the study's recipe.",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder made by `python -m data_prep`")
-    p.add_argument("--out", type=Path, required=True, help="run folder; rerunning with it resumes")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder made by `python -m data_prep`; prepared first if it holds no data (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="run folder; rerunning with it resumes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--source",
+        metavar="PATH",
+        help=f"CIFAR-10 to prepare a --data without data from, as in data_prep (default: ${SOURCE_ENV}, "
+        "else download)",
+    )
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=128, help="per process (global = this × processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -63,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wandb-mode", choices=["online", "offline", "disabled"], help="default: online if logged in"
     )
     p.add_argument("--wandb-project", default="cae-train")
+    p.add_argument("--wandb-group", help="W&B run group (default: $WANDB_RUN_GROUP, else none)")
     p.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     p.add_argument(
         "--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the accelerate config's, else no"
@@ -110,7 +133,7 @@ def validate(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UserError(f"--lr must be a positive number, got {cfg.lr}")
     parse_noise(cfg.noise)
-    if not cfg.data.is_dir():
+    if cfg.data.exists() and not cfg.data.is_dir():
         raise UserError(
-            f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out {cfg.data}`"
+            f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out DIR` and pass that"
         )

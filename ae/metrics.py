@@ -47,13 +47,7 @@ def split_sums(
     """
     sums: torch.Tensor | None = None
     for index, images in enumerate(batches):
-        clean = to_unit_float(images)
-        inputs = clean
-        if noise is not None:
-            inputs = noise.apply(clean, noise_generator(clean.device, EVAL_SEED, 0, index))
-        with autocast():
-            logits = model(inputs)
-        logits = logits.float()
+        clean, inputs, logits = _eval_forward(model, images, index, noise, autocast)
         bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="sum")
         sq_err = (torch.sigmoid(logits) - clean).square().sum()
         noisy_sq_err = (inputs - clean).square().sum()
@@ -62,6 +56,68 @@ def split_sums(
     if sums is None:
         raise ValueError("no test batches to evaluate")
     return sums
+
+
+def _eval_forward(
+    model: nn.Module,
+    images: torch.Tensor,
+    index: int,
+    noise: Corruption | None,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean target, model input, fp32 logits) of the `index`-th uint8 test batch."""
+    clean = to_unit_float(images)
+    inputs = clean
+    if noise is not None:
+        inputs = noise.apply(clean, noise_generator(clean.device, EVAL_SEED, 0, index))
+    with autocast():
+        logits = model(inputs)
+    return clean, inputs, logits.float()
+
+
+@torch.no_grad()
+def class_sums(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    labels: torch.Tensor,
+    n_classes: int,
+    noise: Corruption | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> torch.Tensor:
+    """Per class, sum BCE, squared error, element count and image count over uint8 batches.
+
+    `labels` (int64, on the batches' device) are the labels of the batches' images in order.
+    Returns a float64 device tensor of shape (n_classes, 4), for the caller to reduce.
+    """
+    sums = torch.zeros(n_classes, 4, dtype=torch.float64, device=labels.device)
+    start = 0
+    for index, images in enumerate(batches):
+        clean, _, logits = _eval_forward(model, images, index, noise, autocast)
+        bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="none").flatten(1).sum(1)
+        sq_err = (torch.sigmoid(logits) - clean).square().flatten(1).sum(1)
+        per_image = torch.stack(
+            [bce, sq_err, torch.full_like(bce, clean[0].numel()), torch.ones_like(bce)], 1
+        )
+        sums.index_add_(0, labels[start : start + len(images)], per_image.double())
+        start += len(images)
+    return sums
+
+
+def summarize_classes(sums: torch.Tensor, classes: list[str]) -> list[dict[str, float | int | str]]:
+    """Per-class test metrics from (already reduced) `class_sums`; classes without images are left out."""
+    rows = []
+    for name, (bce_sum, sq_err_sum, count, images) in zip(classes, sums.tolist(), strict=True):
+        if images:
+            rows.append(
+                {
+                    "class": name,
+                    "images": int(images),
+                    "bce": bce_sum / count,
+                    "mse": sq_err_sum / count,
+                    "psnr_db": psnr_db(sq_err_sum / count),
+                }
+            )
+    return rows
 
 
 def summarize(sums: torch.Tensor, bce_floor: float, noisy: bool) -> dict[str, float]:

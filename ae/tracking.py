@@ -2,6 +2,10 @@
 
 Only the main process writes. W&B problems (no network, a bad key, a full disk) never stop
 training: they are reported once, W&B is switched off, and metrics.jsonl goes on.
+
+A W&B run tells the whole story: the dataset artifact it used (by reference to the betons), the
+final weights as a model artifact, `step` as the x-axis of `train/*` and `test/*`, best-value
+summaries, a readable name, a group, tags, and a per-class table.
 """
 
 from __future__ import annotations
@@ -12,16 +16,71 @@ import netrc
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
 
+from ae.beton import SPLITS, beton_path, manifest_path
 from ae.errors import warn
 from ae.files import atomic_write, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
+# Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
+# the step time's summary is the run's median, set at the end (`set_summary`).
+SUMMARIES = {"test/psnr_db": "max", "test/bce": "min", "train/loss": "min", "train/step_time_ms": "none"}
+
+
+def run_name(out: Path) -> str:
+    """The --out folder's name, plus the Slurm job id under Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{out.resolve().name}-{job}" if job else out.resolve().name
+
+
+def run_tags(
+    device_type: str, world_size: int, mixed_precision: str, fast: bool, noise: str | None
+) -> list[str]:
+    """The run's shape, as W&B tags: device, world size, mixed precision, `fast`, `noise`."""
+    tags = [device_type, f"world_size={world_size}", f"mixed_precision={mixed_precision}"]
+    if fast:
+        tags.append("fast")
+    if noise:
+        tags.append(f"noise={noise}")
+    return tags
+
+
+def dataset_artifact(data_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The data folder as a W&B `dataset` artifact: the betons by reference, manifest.json, sha256s."""
+    import wandb
+
+    artifact = wandb.Artifact(
+        "cifar10",
+        type="dataset",
+        description=f"FFCV betons made by data_prep from {manifest['source']['path']}",
+        metadata={
+            "sha256": {
+                beton_path(data_dir, split).name: manifest["splits"][split]["sha256"] for split in SPLITS
+            },
+            "counts": {split: manifest["splits"][split]["count"] for split in SPLITS},
+            "source": manifest["source"],
+            "limit": manifest["limit"],
+        },
+    )
+    for split in SPLITS:
+        artifact.add_reference(beton_path(data_dir, split).resolve().as_uri())
+    artifact.add_file(str(manifest_path(data_dir)))
+    return artifact
+
+
+def model_artifact(run_id: str, weights: Path, metadata: dict[str, Any]) -> Any:
+    """The final weights as a W&B `model` artifact (one per run: a resumed run adds a version)."""
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run_id}", type="model", metadata=metadata)
+    artifact.add_file(str(weights), name="model.safetensors")
+    return artifact
 
 
 def default_wandb_mode() -> str:
@@ -48,6 +107,9 @@ class RunLogger:
         project: str,
         config: dict[str, Any],
         resume_step: int,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
     ):
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
@@ -55,11 +117,12 @@ class RunLogger:
         self.images_dir = out / "reconstructions"
         self.wandb_dir = out / "wandb"
         self.wandb_on = False
+        self.run: Any = None  # the wandb Run, once started
         if not self.enabled:
             return
         self._drop_records_after(resume_step)
         if wandb_mode != "disabled":
-            self._start_wandb(out, wandb_mode, project, config)
+            self._start_wandb(out, wandb_mode, project, config, name, group, tags)
 
     def _drop_records_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: forget what they logged before."""
@@ -70,7 +133,16 @@ class RunLogger:
         if len(kept) != len(lines):
             atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
-    def _start_wandb(self, out: Path, mode: str, project: str, config: dict[str, Any]) -> None:
+    def _start_wandb(
+        self,
+        out: Path,
+        mode: str,
+        project: str,
+        config: dict[str, Any],
+        name: str | None,
+        group: str | None,
+        tags: list[str] | None,
+    ) -> None:
         import wandb
 
         # W&B's own loggers write into OUT/wandb: on a full disk they must not print tracebacks.
@@ -88,6 +160,9 @@ class RunLogger:
                             "id": run_id,
                             "resume": "allow",
                             "mode": attempt_mode,
+                            "name": name,
+                            "group": group,
+                            "tags": tags,
                             "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off"),
                         }
                     },
@@ -98,14 +173,87 @@ class RunLogger:
                 failures.append(f"{attempt_mode} ({type(err).__name__}: {err})")
                 continue
             self.wandb_on = True
+            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+            self._wandb_call("define its metrics", self._define_metrics)
             if failures:
                 warn(
                     f"W&B could not start {failures[0]}; logging offline instead (upload later with "
                     f"`wandb sync {out / 'wandb'}/offline-run-*`)"
                 )
-            print(f"[cae-train] W&B run {run_id} ({attempt_mode}) in {out / 'wandb'}", flush=True)
+            print(f"[cae-train] W&B run {name} (id {run_id}, {attempt_mode}) in {out / 'wandb'}", flush=True)
             return
         warn(f"W&B could not start {' or '.join(failures)}; metrics still go to metrics.jsonl")
+
+    def _define_metrics(self) -> None:
+        self.run.define_metric("step")
+        for pattern in ("train/*", "test/*"):
+            self.run.define_metric(pattern, step_metric="step")
+        for key, summary in SUMMARIES.items():
+            self.run.define_metric(key, step_metric="step", summary=summary)
+
+    def _wandb_call(self, what: str, call: Callable[[], Any]) -> None:
+        """Run a W&B call; a failure switches W&B off with one warning (metrics.jsonl goes on)."""
+        if not self.wandb_on:
+            return
+        try:
+            call()
+        except Exception as err:  # W&B must never stop training
+            self.wandb_on = False
+            warn(f"W&B could not {what} ({type(err).__name__}: {err}); W&B is off, metrics.jsonl goes on")
+
+    def log_dataset(self, data_dir: Path, manifest: dict[str, Any]) -> None:
+        """Record the data the run trains on. Online the run uses the artifact (W&B's lineage graph);
+        offline W&B refuses `use_artifact`, so it is logged as the run's own for `wandb sync` to carry."""
+
+        def call() -> None:
+            artifact = dataset_artifact(data_dir, manifest)
+            if self.run.offline:
+                self.run.log_artifact(artifact)
+            else:
+                self.run.use_artifact(artifact)
+
+        if self.enabled:
+            self._wandb_call("log the dataset artifact", call)
+
+    def log_model(self, weights: Path, metadata: dict[str, Any], step: int) -> None:
+        if self.enabled:
+            self._wandb_call(
+                "log the model artifact",
+                lambda: self.run.log_artifact(
+                    model_artifact(self.run.id, weights, metadata), aliases=["latest", f"step-{step}"]
+                ),
+            )
+
+    def log_per_class(self, rows: list[dict[str, Any]], examples: dict[str, np.ndarray], step: int) -> None:
+        """Write OUT/per_class.json and OUT/per_class/CLASS.png; log them as a W&B table at `step`."""
+        if not self.enabled:
+            return
+        folder = self.metrics_path.parent / "per_class"
+        folder.mkdir(exist_ok=True)
+        for row in rows:
+            path = folder / f"{row['class']}.png"
+            atomic_write(path, png_bytes(examples[row["class"]]))
+            row["example"] = str(path.relative_to(self.metrics_path.parent))
+        atomic_write(
+            self.metrics_path.parent / "per_class.json",
+            (json.dumps({"step": step, "classes": rows}, indent=2) + "\n").encode(),
+        )
+
+        def call() -> None:
+            import wandb
+
+            columns = ["class", "images", "psnr_db", "bce", "mse", "example"]
+            table = wandb.Table(columns=columns)
+            for row in rows:
+                example = wandb.Image(examples[row["class"]], caption="input | reconstruction")
+                table.add_data(*(row[c] for c in columns[:-1]), example)
+            self.accelerator.log({"test/per_class": table}, step=step)
+
+        self._wandb_call("log the per-class table", call)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        if self.enabled:
+            self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
 
     @staticmethod
     def _stored_run_id(out: Path) -> str:
@@ -122,7 +270,7 @@ class RunLogger:
         if not self.enabled:
             return
         row = {"step": step, "epoch": epoch, **record}
-        wandb_values = dict(record)
+        wandb_values = {"step": step, **record}
         if image is not None:
             path = self.images_dir / f"step_{step:07d}.png"
             self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -136,12 +284,7 @@ class RunLogger:
                 )
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb_on:
-            try:
-                self.accelerator.log(wandb_values, step=step)
-            except Exception as err:
-                self.wandb_on = False
-                warn(f"W&B logging failed ({type(err).__name__}: {err}); W&B is off, metrics.jsonl goes on")
+        self._wandb_call("log", lambda: self.accelerator.log(wandb_values, step=step))
 
     def finish(self) -> None:
         if not (self.enabled and self.wandb_on):

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -27,16 +28,24 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ae import checkpoint
-from ae.beton import load_manifest, verify_beton
+from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, read_split
+from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, eval_shard, read_split
 from ae.errors import UserError
 from ae.fast import CudaGraphStep
 from ae.files import atomic_write
-from ae.metrics import bce_loss, reconstruction_grid, split_sums, summarize, to_unit_float
+from ae.metrics import (
+    bce_loss,
+    class_sums,
+    reconstruction_grid,
+    split_sums,
+    summarize,
+    summarize_classes,
+    to_unit_float,
+)
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
-from ae.tracking import RunLogger, default_wandb_mode
+from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
 
 GRID_IMAGES = 16
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
@@ -133,8 +142,17 @@ class Trainer:
 
         self.fast_step = self._make_fast_step()
         self.logger = RunLogger(
-            acc, self.out, self.wandb_mode, cfg.wandb_project, self._run_config(), self.step
+            acc,
+            self.out,
+            self.wandb_mode,
+            cfg.wandb_project,
+            self._run_config(),
+            self.step,
+            name=run_name(self.out),
+            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP"),
+            tags=run_tags(self.device.type, self.world_size, acc.mixed_precision, cfg.fast, cfg.noise),
         )
+        self.logger.log_dataset(cfg.data, self.manifest)
 
         # Device-side accumulators, read back only at log time.
         self.loss_sum = torch.zeros((), device=self.device)
@@ -240,6 +258,7 @@ class Trainer:
         already_complete = self.step >= self.total_steps
         self.train_seconds = 0.0
         self.images_trained = 0
+        self.step_times_ms: list[float] = []  # one per logging window, for the run's median
         progress = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -277,6 +296,7 @@ class Trainer:
             self._evaluate()
             self._save_checkpoint()
             self._save_model()
+            self._per_class()
             self._summary(time.perf_counter() - started)
         finally:
             progress.close()
@@ -404,9 +424,10 @@ class Trainer:
         seconds = self.window_seconds
         self.train_seconds += seconds
         finite_steps = steps * self.world_size - bad_steps
+        self.step_times_ms.append(1000.0 * seconds / max(1, steps))
         record = {
             "train/loss": loss_sum / finite_steps if finite_steps > 0 else float("nan"),
-            "train/step_time_ms": 1000.0 * seconds / max(1, steps),
+            "train/step_time_ms": self.step_times_ms[-1],
             "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
             if seconds
             else 0.0,
@@ -495,17 +516,60 @@ class Trainer:
                 k: v.detach().float().cpu().contiguous()
                 for k, v in acc.unwrap_model(self.model).state_dict().items()
             }
-            atomic_write(
-                self.out / "model.safetensors",
-                safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}),
-            )
+            path = self.out / "model.safetensors"
+            atomic_write(path, safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}))
+            metadata = {
+                "recipe": self.recipe,
+                "step": self.step,
+                "test": self.final_metrics,
+                "git_commit": _git_commit(),
+                "data_sha256": {split: self.manifest["splits"][split]["sha256"] for split in SPLITS},
+            }
+            self.logger.log_model(path, metadata, self.step)
         acc.wait_for_everyone()
+
+    def _per_class(self) -> None:
+        """Test PSNR and BCE per class (one more pass over the test split, at the end only), with
+        each class's first test image and its reconstruction, to OUT/per_class.json and W&B."""
+        acc = self.accelerator
+        test = self.manifest["splits"]["test"]
+        test_beton = BetonFile(beton_path(self.cfg.data, "test"))
+        labels = test_beton.labels
+        shard_labels = torch.from_numpy(labels[eval_shard(test["count"], self.rank, self.world_size)])
+        model = acc.unwrap_model(self.model)
+        model.eval()
+        sums = class_sums(
+            model,
+            self.eval_batches,
+            shard_labels.to(self.device),
+            len(test["classes"]),
+            self.noise,
+            acc.autocast,
+        )
+        rows = summarize_classes(acc.reduce(sums, "sum"), test["classes"])
+        if acc.is_main_process:
+            first = [int((labels == test["classes"].index(row["class"])).argmax()) for row in rows]
+            images = torch.from_numpy(test_beton.images(first)).permute(0, 3, 1, 2).to(self.device)
+            inputs = to_unit_float(images)
+            if self.noise is not None:
+                inputs = self.noise.apply(inputs, noise_generator(self.device, 0, 0, 0))
+            outputs = model.reconstruct(inputs)
+            examples = {
+                row["class"]: reconstruction_grid([torch.stack([inputs[i], outputs[i]])]).numpy()
+                for i, row in enumerate(rows)
+            }
+            self.logger.log_per_class(rows, examples, self.step)
+        model.train()
 
     def _summary(self, wall_seconds: float) -> None:
         if not self.accelerator.is_main_process:
             return
         m = self.final_metrics
         rate = self.images_trained / self.train_seconds if self.train_seconds else 0.0
+        summary = {"wall_time_s": wall_seconds, "images_per_s": rate}
+        if self.step_times_ms:
+            summary["train/step_time_ms"] = statistics.median(self.step_times_ms)
+        self.logger.set_summary(summary)
         _say(
             f"done: {self.step} steps ({self.step / self.steps_per_epoch:.2f} epochs) in {wall_seconds:.1f} s wall, "
             f"{rate:,.0f} images/s; test bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Prepare CIFAR-10 as FFCV betons on a compute node: runs `python -m data_prep`. Submit from the
-# repository root (mkdir -p logs first):
+# repository root:
 #
 #   SOURCE=/datasets/cifar-10-python.tar.gz DATA=data sbatch slurm/prep.sh
 #   sbatch slurm/prep.sh --source /datasets/cifar10-jpeg --out data [--limit N] [--force]

@@ -2,7 +2,7 @@
 # Train the autoencoder on one or more Slurm nodes: one `accelerate launch` per node, all GPUs of each
 # node (or one CPU process per node when a node has no GPU). Submit from the repository root:
 #
-#   mkdir -p logs
+#   sbatch slurm/train.sh   # train.py's defaults: --data data/cifar10 (prepared if missing), --out runs/cifar10
 #   sbatch [--nodes=2] [--gpus-per-node=8] [--partition=P] [--time=T] slurm/train.sh --data data --out runs/r1 [train.py flags]
 #
 # Arguments after the script name go to train.py unchanged. Preemption / time limit: Slurm sends USR1

@@ -12,6 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+WANDB = str(Path(sys.executable).with_name("wandb"))
 
 
 def free_port() -> int:
@@ -29,10 +30,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(
-    cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None
+    cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
+        cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -77,3 +78,16 @@ def weights(out: Path) -> dict:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+def wandb_inspect(run_dir: Path) -> dict:
+    """An offline W&B run read back with `wandb leet inspect --summary --json`: run_id, name, tags,
+    config, summary, ..."""
+    return json.loads(ok(run([WANDB, "leet", "inspect", "--summary", "--json", str(run_dir)], 120)).stdout)
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of an offline W&B run's transaction log (run, metric, history, artifact, ...)."""
+    (log,) = run_dir.glob("run-*.wandb")
+    listing = ok(run([WANDB, "leet", "inspect", "--json", str(log)], 120)).stdout
+    return [json.loads(line) for line in listing.splitlines() if line.startswith("{")]

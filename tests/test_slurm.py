@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,6 +123,31 @@ def _steer_preemption(jobs: Jobs, s: Submitted) -> None:
     s.facts["signal_at"] = time.monotonic() - s.t0
 
 
+def _steer_cancel_after_steps(jobs: Jobs, s: Submitted) -> None:
+    """Once steps are logged, cancel the job (the study's 100 epochs are not needed here)."""
+    try:
+        jobs.wait_for(s.job, "training step", lambda: train_steps(s.out, "test/bce"))
+        jobs.cluster.scancel(s.job)
+    except BaseException as err:
+        s.error = err
+
+
+def _repository_copy(dest: Path) -> Path:
+    """What a fresh clone of the working tree holds (tracked and not-ignored files), with REPO's .venv."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listing.split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / ".venv").symlink_to((REPO / ".venv").resolve())
+    return dest
+
+
 def _steer_kill(jobs: Jobs, s: Submitted) -> None:
     """Once training runs (metrics are being written), SIGKILL node 1's worker."""
     jobs.wait_for(s.job, "training step", lambda: train_steps(s.out))
@@ -191,6 +218,15 @@ def early(request, jobs, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
         "slurm/train.sh",
         lambda out: train_args(tiny_data, out, "--batch-size", "0"),
     )
+    if "test_bare_sbatch_trains_with_the_default_paths" in selected:
+        clone = _repository_copy(tmp / "clone")
+        shutil.copytree(tiny_data, clone / "data" / "cifar10")
+        job = jobs.cluster.sbatch(["slurm/train.sh"], env={**jobs.env, "WANDB_MODE": "offline"}, cwd=clone)
+        s = submitted["test_bare_sbatch_trains_with_the_default_paths"] = Submitted(
+            job, clone / "runs" / "cifar10", time.monotonic(), facts={"clone": clone}
+        )
+        s.steering = threading.Thread(target=_steer_cancel_after_steps, args=(jobs, s), daemon=True)
+        s.steering.start()
     if "test_prep_writes_betons" in selected:
         from tests.synthetic import make_image_folder
 
@@ -216,12 +252,13 @@ def rank_lines(log: str) -> list[tuple[int, int, int]]:
     ]
 
 
-def train_steps(out: Path) -> list[int]:
+def train_steps(out: Path, key: str = "train/loss") -> list[int]:
+    """The steps of OUT/metrics.jsonl's rows that hold `key`."""
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
         return []
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip().endswith("}")]
-    return [row["step"] for row in rows if "train/loss" in row]
+    return [row["step"] for row in rows if key in row]
 
 
 def _worker_pid(cluster: SlurmCluster, job: str, node_id: str) -> int | None:
@@ -299,6 +336,27 @@ def test_two_node_run(jobs, early):
     assert train_steps(s.out)[-1] == 20
 
 
+def test_bare_sbatch_trains_with_the_default_paths(jobs, early):
+    """`sbatch slurm/train.sh` exactly as typed, in a fresh copy of the repository whose data/cifar10
+    holds small prepared data: the log lands in logs/ (no mkdir), and training writes runs/cifar10."""
+    s = early["test_bare_sbatch_trains_with_the_default_paths"]
+    s.steered()
+    clone = s.facts["clone"]
+    info = jobs.wait(s.job)
+    log_file = clone / "logs" / f"cae-train-{s.job}.out"
+    assert log_file.is_file(), (str(info), sorted(p.name for p in (clone / "logs").iterdir()))
+    log = log_file.read_text(errors="replace")
+    print(f"bare job {s.job}: {info}\n{log}")
+    assert info.state == "CANCELLED", (str(info), log[-4000:])
+    assert re.search(r"train\.py args: *$", log, re.M), log[-4000:]  # no arguments: the defaults
+    assert f"[cae-train] W&B run cifar10-{s.job} (id cae-{s.job}, offline) in runs/cifar10/wandb" in log, log[
+        -4000:
+    ]
+    assert "preparing" not in log  # the data was there
+    assert train_steps(s.out, "test/bce"), log[-4000:]
+    assert (s.out / "checkpoints").is_dir()
+
+
 def test_prep_writes_betons(jobs, early):
     s = early["test_prep_writes_betons"]
     info = jobs.wait(s.job)
@@ -331,8 +389,6 @@ def test_bad_flag_fails_without_requeue(jobs, early):
 def test_plan_counts_gpus(cluster, tmp_path, gpu_env, fake_smi_gpus, want):
     """DRY_RUN=1: the per-node GPU count (Slurm's, CUDA_VISIBLE_DEVICES, nvidia-smi -L) sets the
     process count and the device flags; nodes n1/n2 do not resolve, so the master is their NodeAddr."""
-    import subprocess
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if fake_smi_gpus:

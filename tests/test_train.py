@@ -139,14 +139,16 @@ def test_nonsense_flags_get_a_one_line_error(tiny_data, tmp_path, flags, needle)
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_data_gets_a_one_line_error(tmp_path):
-    assert_one_line_error(train("--out", str(tmp_path / "o")), "--data")
+def test_bad_data_gets_a_one_line_error(tmp_path):
+    """A missing --data is prepared (tests/test_bare_commands.py); a file or a broken manifest is refused."""
+    (tmp_path / "file").write_text("not a folder")
     assert_one_line_error(
-        train("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "nope", "data_prep"
+        train("--data", str(tmp_path / "file"), "--out", str(tmp_path / "o")), "--data", "not a folder"
     )
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{")
     assert_one_line_error(
-        train("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "manifest.json"
+        train("--data", str(tmp_path / "broken"), "--out", str(tmp_path / "o")), "manifest.json", "data_prep"
     )
 
 
