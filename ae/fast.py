@@ -122,6 +122,7 @@ class CudaGraphStep:
         rank: int = 0,
         world_size: int = 1,
         agree: Callable[[bool], bool] = lambda ok: ok,
+        stream: torch.cuda.Stream | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
     ):
         self.forward = forward
@@ -135,7 +136,8 @@ class CudaGraphStep:
         self.flat = FlatGradients(params, world_size) if world_size > 1 else None
         self.clean = torch.zeros((batch_size, *image_shape), device="cuda")
         self.inputs = torch.zeros_like(self.clean) if noise is not None else self.clean
-        self.side_stream = torch.cuda.Stream()
+        # Warm-up and capture run on this side stream: the one DDP was built on, when there is DDP.
+        self.side_stream = stream or torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_loss: torch.Tensor | None = None
         self.warmup_left = WARMUP_STEPS
@@ -178,7 +180,8 @@ class CudaGraphStep:
         error = None
         try:
             self._set_capturable(True)
-            with torch.cuda.graph(graph):
+            # thread_local: FFCV's thread keeps copying batches meanwhile, which must not void the capture.
+            with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
                 self.static_loss = self._body()
         except Exception as err:  # any capture failure means eager steps, never a crash
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

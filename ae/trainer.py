@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,14 @@ class Trainer:
             _say(f"note: {path_note}")
         # capturable stays False except while the CUDA graph is captured (ae.fast).
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=self.device.type == "cuda")
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # DDP keeps every parameter's gradient accumulator, tied to the stream current when DDP is
+        # built; a graph capturing the backward must run on that stream, so with the graph DDP is
+        # built on the graph's side stream (PyTorch's CUDA-graph notes, "Usage with DDP").
+        self.graph_stream = torch.cuda.Stream() if self.use_graph else None
+        with torch.cuda.stream(self.graph_stream) if self.graph_stream else nullcontext():
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.graph_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.graph_stream)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
         workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -229,6 +236,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             agree=self._all_agree,
+            stream=self.graph_stream,
         )
 
     def _all_agree(self, ok: bool) -> bool:

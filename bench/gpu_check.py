@@ -119,7 +119,7 @@ class Setup:
 def train_argv(setup: Setup, out: Path, *flags: str, steps: int | None = None) -> list[str]:
     argv = [setup.python, "train.py", "--data", str(setup.data), "--out", str(out), "--fresh"]
     argv += ["--wandb-mode", "disabled", "--no-verify-data", "--batch-size", str(setup.batch_size)]
-    argv += ["--log-every", str(setup.log_every)]
+    argv += ["--log-every", str(setup.log_every), "--mixed-precision", "no"]  # flags below may override
     if steps is not None:
         argv += ["--max-steps", str(steps)]
     if setup.device == "cpu":
@@ -596,12 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     run("compile", lambda c: check_compile(setup, c))
     run("resume", resume)
     run("multi_gpu", lambda c: check_multi_gpu(setup, c))
-    run("epochs100", lambda c: check_epochs100(setup, c, "--mixed-precision", "no"))
+    run("epochs100", lambda c: check_epochs100(setup, c))
     run("equal_outputs", lambda c: check_equal_outputs(setup, c))
-    run(
-        "epochs100_on_device",
-        lambda c: check_epochs100(setup, c, "--mixed-precision", "no", "--data-on-device"),
-    )
+    run("epochs100_on_device", lambda c: check_epochs100(setup, c, "--data-on-device"))
     run("throughput", lambda c: check_throughput(setup, c))
 
     failed = [c.name for c in checks if c.kind == "correctness" and c.status in ("FAIL", "error")]
