@@ -280,6 +280,8 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self.stop_signal:
                 epoch_index, start_batch = divmod(self.step, self.steps_per_epoch)
+                # FFCV-fed, the next batch is taken only once the previous one's copy is done, which
+                # bounds how far the host runs ahead of the GPU (ae.data.stream_batches says why).
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
