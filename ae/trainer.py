@@ -346,6 +346,8 @@ class Trainer:
     def _train_step(self, images: torch.Tensor) -> None:
         self.step += 1
         self.images_trained += images.shape[0] * self.world_size
+        # Shards are padded to equal length, so every rank sees the same batch size at each step
+        # and all of them take the same path (the graph's all-reduce or DDP's).
         if self.fast_step is not None and images.shape[0] == self.cfg.batch_size:
             loss = self.fast_step(images, self.step)
             if self.fast_step.failed:
