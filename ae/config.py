@@ -36,7 +36,7 @@ class TrainConfig:
     mixed_precision: str | None = None  # None: from the accelerate config / launcher
     cpu: bool = False
     noise: str | None = None
-    fast: bool = False
+    fast: bool | None = None  # None: the CUDA graph wherever it applies (ae.fast.choose_step_path)
     compile: bool = False
     data_on_device: bool = False
     data_workers: int | None = None
@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--noise", help="denoising: corrupt inputs with gaussian:SIGMA or saltpepper:P")
-    p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (GPU only)")
+    p.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        help="the whole step as one CUDA graph (default: on one or more GPUs with fp32/bf16; --no-fast: eager)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--data-on-device", action="store_true", help="keep the training split on the device")
     p.add_argument(

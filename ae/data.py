@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,53 @@ def _ffcv_loader(
         )
 
 
+class _EpochOnDevice(EpochIterator):
+    """FFCV's epoch thread, with its CUDA device set to the loader's.
+
+    A new thread starts on GPU 0, and FFCV's thread enters `torch.cuda.stream(...)` and waits on
+    events there (FFCV PR #190): without this, every process of a multi-GPU run would open a CUDA
+    context on GPU 0. The main thread's device is set by Accelerate (one GPU per process).
+    """
+
+    def __init__(self, loader: Loader, order: np.ndarray, device: torch.device):
+        self.device = device
+        super().__init__(loader, order)
+
+    def run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        super().run()
+
+
+def stream_batches(loader: Loader, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
+    """The image batches of `order`, never asking FFCV for a batch before the previous one's copy is done.
+
+    Why the wait: FFCV decodes each batch into one of `batches_ahead + 2` pinned host buffers and
+    copies it to the GPU asynchronously (ToDevice non_blocking=True). Taking batch n lets FFCV's
+    thread decode into batch n-1's pinned buffer at once, and it makes only a *stream* wait for
+    earlier work, never the host (libffcv/ffcv#37). A host that runs ahead of the GPU (a CUDA-graph
+    step is cheap on the host, and the trainer never syncs per step) would see buffers overwritten
+    before their copies ran: some images trained twice, others never, no error. So an event is
+    recorded when a batch is handed out (the current stream has just been made to wait for its
+    copy) and the host waits for it before taking the next batch. The host then runs at most one
+    step ahead of the GPU, which still leaves the GPU a step queued; when the host is behind (eager
+    steps, or the CPU) the wait costs nothing. Blocking copies would also be safe, but stall
+    FFCV's thread on every batch.
+    """
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), _torch_threads_kept():
+        iterator = _EpochOnDevice(loader, order, device)
+    try:
+        for (images,) in iterator:
+            copied = torch.cuda.Event() if device.type == "cuda" else None
+            if copied is not None:
+                copied.record()
+            yield images
+            if copied is not None:
+                copied.synchronize()
+    finally:
+        iterator.close()
+
+
 class FFCVBatches:
     """Shuffled training batches streamed by FFCV, sharded across processes when distributed.
 
@@ -95,6 +142,7 @@ class FFCVBatches:
             distributed=distributed and torch.distributed.get_world_size() > 1,
         )
         self.batch_size = batch_size
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -104,12 +152,7 @@ class FFCVBatches:
         loader = self.loader
         loader.next_epoch = epoch
         order = loader.next_traversal_order()[start_batch * self.batch_size :]
-        iterator = EpochIterator(loader, order)
-        try:
-            for (images,) in iterator:
-                yield images
-        finally:
-            iterator.close()
+        yield from stream_batches(loader, order, self.device)
 
 
 class DeviceResidentBatches:
@@ -165,21 +208,20 @@ def eval_batches(
             workers,
             OrderOption.SEQUENTIAL,
             indices=eval_shard(count, rank, world_size),
-        )
+        ),
+        device,
     )
 
 
 class _ImagesOnly:
-    """Iterate an FFCV loader whose only field is `image`, yielding the tensors themselves."""
+    """Iterate an FFCV loader whose only field is `image` (in its sequential order), yielding the tensors."""
 
-    def __init__(self, loader: Loader):
+    def __init__(self, loader: Loader, device: torch.device):
         self.loader = loader
+        self.device = device
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        with _torch_threads_kept():
-            iterator = iter(self.loader)
-        for (images,) in iterator:
-            yield images
+        return stream_batches(self.loader, self.loader.next_traversal_order(), self.device)
 
 
 def read_split(data_dir: Path, split: str, count: int, device: torch.device) -> torch.Tensor:

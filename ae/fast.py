@@ -1,10 +1,15 @@
-"""`--fast`: the whole training step (forward, fp32 BCE, backward, fused Adam) as one CUDA graph.
+"""The whole training step (forward, fp32 BCE, backward, fused Adam) as one CUDA graph: the GPU default.
 
 At batch 128 the model is too small to keep a GPU busy; the time goes to launching ~60 kernels
 per step. Capturing them once and replaying the graph removes that overhead. Each step copies the
 batch into a static input buffer and replays. The first `WARMUP_STEPS` steps run eagerly on a side
 stream (they are real training steps), then the graph is captured. A batch of another size (the
 last, partial batch of an epoch) is run eagerly by the trainer.
+
+Several processes: DDP's bucketed all-reduce cannot be captured as it is, so the graph bypasses
+DDP. All gradients are views of one flat buffer (`FlatGradients`, 1,495 floats for this model),
+averaged by one all-reduce inside the graph; NCCL collectives can be captured (PyTorch's CUDA-graph
+notes). `step_body` is that math, and it runs eagerly on CPUs too, where a test checks it against DDP.
 """
 
 from __future__ import annotations
@@ -21,7 +26,91 @@ from ae.noise import Corruption, noise_generator
 WARMUP_STEPS = 3
 
 
+def choose_step_path(
+    device_type: str,
+    world_size: int,
+    mixed_precision: str,
+    on_nan: str,
+    fast: bool | None,
+    nan_injection: bool = False,
+) -> tuple[bool, str | None]:
+    """Whether to train with the whole-step CUDA graph, and the one line to print about it (or None).
+
+    `fast` is the flag: None (default) means "where it applies", False is `--no-fast`, True is `--fast`.
+    On the CPU nothing changes and nothing is said unless `--fast` was asked for.
+    """
+    if fast is False:
+        return False, None
+    if device_type != "cuda":
+        return False, ("no GPU: --fast needs CUDA, training eagerly" if fast else None)
+    if mixed_precision == "fp16":
+        return False, "fp16's grad scaler syncs every step: training eagerly (bf16 or no use the CUDA graph)"
+    if on_nan == "skip" or nan_injection:
+        return False, "--on-nan skip undoes steps one at a time: training eagerly"
+    if world_size > 1:
+        return True, (
+            f"CUDA graph on {world_size} processes: gradients averaged by one flat all-reduce "
+            "inside the graph (--no-fast: eager DDP)"
+        )
+    return True, None
+
+
+class FlatGradients:
+    """The parameters' gradients as views of one flat buffer, averaged over processes by one all-reduce.
+
+    Autograd accumulates into an existing `.grad` in place, so after `zero_()` and a backward the
+    buffer holds this process's gradients; `average()` makes them the mean over all processes, as
+    DDP does (divide by the world size, then sum).
+    """
+
+    def __init__(self, params: list[nn.Parameter], world_size: int):
+        self.params = params
+        self.world_size = world_size
+        self.buffer = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+
+    def attach(self) -> None:
+        """Point every parameter's `.grad` into the buffer (an eager step may have replaced them)."""
+        offset = 0
+        for p in self.params:
+            p.grad = self.buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def zero_(self) -> None:
+        self.buffer.zero_()
+
+    def average(self) -> None:
+        self.buffer.div_(self.world_size)
+        torch.distributed.all_reduce(self.buffer)
+
+
+def step_body(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    autocast: Callable[[], AbstractContextManager],
+    inputs: torch.Tensor,
+    clean: torch.Tensor,
+    flat: FlatGradients | None = None,
+) -> torch.Tensor:
+    """One training step as the graph holds it; returns the detached fp32 loss (no sync)."""
+    if flat is not None:
+        flat.zero_()
+    with autocast():
+        logits = forward(inputs)
+    loss = bce_loss(logits, clean)
+    loss.backward()
+    if flat is not None:
+        flat.average()
+    optimizer.step()
+    return loss.detach()
+
+
 class CudaGraphStep:
+    """Warm-up steps, then one captured graph replayed for every full batch.
+
+    If capture fails, `failed` holds the reason and every later call must go to the eager step;
+    with several processes all of them fall back together (`agree` is a MIN over ranks).
+    """
+
     def __init__(
         self,
         forward: nn.Module,
@@ -30,6 +119,10 @@ class CudaGraphStep:
         batch_size: int,
         noise: Corruption | None,
         seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        agree: Callable[[bool], bool] = lambda ok: ok,
+        stream: torch.cuda.Stream | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
     ):
         self.forward = forward
@@ -37,34 +130,42 @@ class CudaGraphStep:
         self.autocast = autocast
         self.noise = noise
         self.seed = seed
+        self.rank = rank
+        self.agree = agree
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.flat = FlatGradients(params, world_size) if world_size > 1 else None
         self.clean = torch.zeros((batch_size, *image_shape), device="cuda")
         self.inputs = torch.zeros_like(self.clean) if noise is not None else self.clean
-        self.side_stream = torch.cuda.Stream()
+        # Warm-up and capture run on this side stream: the one DDP was built on, when there is DDP.
+        self.side_stream = stream or torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_loss: torch.Tensor | None = None
         self.warmup_left = WARMUP_STEPS
+        self.failed: str | None = None
+
+    def _clear_grads(self) -> None:
+        if self.flat is not None:
+            self.flat.attach()  # zeroed inside the body
+        else:
+            # The graph's backward then allocates .grad in its own pool; every replay overwrites it.
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _body(self) -> torch.Tensor:
-        with self.autocast():
-            logits = self.forward(self.inputs)
-        loss = bce_loss(logits, self.clean)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return step_body(self.forward, self.optimizer, self.autocast, self.inputs, self.clean, self.flat)
 
     def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Train on one full batch of uint8 images; returns the loss as a device tensor (no sync)."""
         self.clean.copy_(images).div_(255.0)
         if self.noise is not None:
             self.inputs.copy_(
-                self.noise.apply(self.clean, noise_generator(self.clean.device, self.seed, 0, step))
+                self.noise.apply(self.clean, noise_generator(self.clean.device, self.seed, self.rank, step))
             )
         if self.graph is not None:
             self.graph.replay()
             return self.static_loss
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_grads()
             loss = self._body()
         torch.cuda.current_stream().wait_stream(self.side_stream)
         self.warmup_left -= 1
@@ -73,7 +174,26 @@ class CudaGraphStep:
         return loss
 
     def _capture(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._body()
+        """Capture the body; `capturable=True` only for the capture (eager Adam steps would warn)."""
+        self._clear_grads()
+        graph = torch.cuda.CUDAGraph()
+        error = None
+        try:
+            self._set_capturable(True)
+            # thread_local: FFCV's thread keeps copying batches meanwhile, which must not void the capture.
+            with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
+                self.static_loss = self._body()
+        except Exception as err:  # any capture failure means eager steps, never a crash
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        finally:
+            self._set_capturable(False)
+        if not self.agree(error is None):
+            self.failed = error or "capture failed on another process"
+            self.static_loss = None
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self.graph = graph
+
+    def _set_capturable(self, on: bool) -> None:
+        for group in self.optimizer.param_groups:
+            group["capturable"] = on

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ from ae import checkpoint
 from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig
 from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, eval_shard, read_split
-from ae.errors import UserError
-from ae.fast import CudaGraphStep
+from ae.errors import UserError, warn
+from ae.fast import CudaGraphStep, choose_step_path
 from ae.files import atomic_write
 from ae.metrics import (
     bce_loss,
@@ -104,9 +104,26 @@ class Trainer:
         model = ConvAutoencoder()
         if acc.is_main_process:
             print(layer_summary(model), flush=True)
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused, capturable=fused)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.use_graph, path_note = choose_step_path(
+            self.device.type,
+            self.world_size,
+            acc.mixed_precision,
+            cfg.on_nan,
+            cfg.fast,
+            nan_injection=cfg.inject_nan_at_step is not None,
+        )
+        if path_note and acc.is_main_process:
+            _say(f"note: {path_note}")
+        # capturable stays False except while the CUDA graph is captured (ae.fast).
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=self.device.type == "cuda")
+        # DDP keeps every parameter's gradient accumulator, tied to the stream current when DDP is
+        # built; a graph capturing the backward must run on that stream, so with the graph DDP is
+        # built on the graph's side stream (PyTorch's CUDA-graph notes, "Usage with DDP").
+        self.graph_stream = torch.cuda.Stream() if self.use_graph else None
+        with torch.cuda.stream(self.graph_stream) if self.graph_stream else nullcontext():
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.graph_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.graph_stream)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
         workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -209,30 +226,41 @@ class Trainer:
             _say(f"resuming from {latest} (step {self.step}, epoch {self._epoch_of(self.step)})")
 
     def _make_fast_step(self) -> CudaGraphStep | None:
-        if not self.cfg.fast:
+        """The CUDA-graph step when `choose_step_path` picked it; called after resuming."""
+        acc = self.accelerator
+        for group in self.optimizer.param_groups:
+            # A 0-d device tensor under the graph, so that a schedule can change it in place
+            # (`.fill_()`) between replays; a checkpoint may hold either kind.
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if self.use_graph else lr
+            group["capturable"] = False
+        if not self.use_graph:
             return None
-        reason = None
-        if self.device.type != "cuda":
-            reason = "no GPU: --fast needs CUDA, training eagerly"
-        elif self.accelerator.mixed_precision == "fp16":
-            reason = "fp16 needs the grad scaler, which syncs every step: --fast falls back to eager"
-        elif self.world_size > 1:
-            reason = "several processes: --fast uses eager DDP (no CUDA-graph capture across ranks)"
-        elif self.cfg.on_nan == "skip" or self.cfg.inject_nan_at_step is not None:
-            reason = "--on-nan skip runs eagerly"
-        if reason:
-            if self.accelerator.is_main_process:
-                _say(f"note: {reason}")
-            return None
+        # Accelerate's autocast wrapper around forward caches casts, which a captured graph must not.
+        # Several processes: the graph bypasses DDP (its flat all-reduce replaces DDP's buckets);
+        # eager steps (partial batches) still go through DDP.
+        plain = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+        graph_forward = torch.compile(plain) if self.cfg.compile else plain
+        if self.world_size == 1:
+            self.forward = graph_forward  # eager partial batches share the (compiled) module
         graph_safe_autocast = AutocastKwargs(cache_enabled=False)
         return CudaGraphStep(
-            self.forward,
+            graph_forward,
             self.optimizer,
-            lambda: self.accelerator.autocast(graph_safe_autocast),
+            lambda: acc.autocast(graph_safe_autocast),
             self.cfg.batch_size,
             self.noise,
             self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            agree=self._all_agree,
+            stream=self.graph_stream,
         )
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True only if `ok` holds on every process (one collective, at capture time only)."""
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        return self.accelerator.reduce(flag, "sum").item() == self.world_size
 
     def _run_config(self) -> dict[str, Any]:
         return {
@@ -271,6 +299,8 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self.stop_signal:
                 epoch_index, start_batch = divmod(self.step, self.steps_per_epoch)
+                # FFCV-fed, the next batch is taken only once the previous one's copy is done, which
+                # bounds how far the host runs ahead of the GPU (ae.data.stream_batches says why).
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
@@ -336,8 +366,14 @@ class Trainer:
     def _train_step(self, images: torch.Tensor) -> None:
         self.step += 1
         self.images_trained += images.shape[0] * self.world_size
+        # Shards are padded to equal length, so every rank sees the same batch size at each step
+        # and all of them take the same path (the graph's all-reduce or DDP's).
         if self.fast_step is not None and images.shape[0] == self.cfg.batch_size:
             loss = self.fast_step(images, self.step)
+            if self.fast_step.failed:
+                if self.accelerator.is_main_process:
+                    warn(f"CUDA graph capture failed ({self.fast_step.failed}): training eagerly from here")
+                self.fast_step = None
         else:
             loss = self._eager_step(images)
         self.step_tensor += 1
@@ -431,7 +467,7 @@ class Trainer:
             "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
             if seconds
             else 0.0,
-            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
             "train/epoch": self.step / self.steps_per_epoch,
         }
         if self.cfg.on_nan == "skip":

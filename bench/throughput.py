@@ -9,8 +9,8 @@ Rows (each steady-state ms/step and images/s, warm-up and compile excluded, and 
       0 workers), the model with a sigmoid and nn.BCELoss in fp32 eager, Adam 1e-3, .to(device)
       per batch, loss.item() per step. It runs in this process, after the others (this process
       never imports FFCV, which changes torch's thread count).
-  (b) the project's default: FFCV + Accelerate, the real trainer (fp32); on CUDA also (b') bf16.
-  (c) `--fast` (CUDA only; on the CPU the row is "n/a: CPU").
+  (b) FFCV + Accelerate, the real trainer, eager steps (fp32; on CUDA `--no-fast`, and also (b') bf16).
+  (c) the CUDA-graph step (`--fast`, the default on CUDA; on the CPU the row is "n/a: CPU").
   (d) `--fast --data-on-device` (on the CPU: --data-on-device alone).
   (e) a large-batch ceiling: --fast --data-on-device --compile --mixed-precision bf16 at
       --large-batch (CUDA); on the CPU --data-on-device at --large-batch (default 1024 there).
@@ -714,15 +714,22 @@ def main(argv: list[str] | None = None) -> int:
             return row
 
         if "b" in args.paths:
-            rows.append(
-                trainer_row("b", "default: FFCV + Accelerate, fp32 (train.py)", ["--mixed-precision", "no"])
+            # Eager steps: on CUDA the default is the CUDA graph, row (c).
+            eager = ["--no-fast"] if cuda else []
+            path = (
+                "FFCV + Accelerate, eager, fp32 (train.py --no-fast)"
+                if cuda
+                else "default: FFCV + Accelerate, fp32 (train.py)"
             )
+            rows.append(trainer_row("b", path, [*eager, "--mixed-precision", "no"]))
             if cuda and not args.no_bf16:
-                rows.append(trainer_row("b'", "default, bf16 autocast", ["--mixed-precision", "bf16"]))
+                rows.append(trainer_row("b'", "eager, bf16 autocast", [*eager, "--mixed-precision", "bf16"]))
         if "c" in args.paths:
             if cuda:
                 rows.append(
-                    trainer_row("c", "--fast (CUDA graph), fp32", ["--fast", "--mixed-precision", "no"])
+                    trainer_row(
+                        "c", "default on CUDA: CUDA graph, fp32", ["--fast", "--mixed-precision", "no"]
+                    )
                 )
             else:
                 rows.append(
