@@ -14,7 +14,6 @@ a warning. Any other unreadable line, or a file without records, is a one-line e
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ae.errors import OneLineParser, UserError, friendly_errors, warn
-from ae.files import atomic_write
+from ae.files import atomic_write, made_folder, parse_json, refuse_overwriting
 
 REPORT_DIR = "report"
+MAX_METRICS_BYTES = 256 << 20  # a 100-epoch run logging every step writes about 10 MB
 PLOTS = ("loss", "psnr", "speed")
 # The final-metrics table: (key, label, format), in this order; keys a run lacks are left out.
 TABLE = (
@@ -50,6 +50,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     hint = "point ae.report at a run folder written by train.py"
     if not path.is_file():
         raise UserError(f"{path} not found: {hint} (it writes OUT/metrics.jsonl at the first log step)")
+    size = path.stat().st_size
+    if size > MAX_METRICS_BYTES:
+        raise UserError(
+            f"{path} is {size:,} bytes, more than the {MAX_METRICS_BYTES:,} ae.report reads: "
+            "is it a metrics.jsonl written by train.py?"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -62,7 +68,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
@@ -244,18 +250,20 @@ def write_report(out: Path) -> list[Path]:
         raise UserError(f"run folder {out} not found: pass the --out folder of a train.py run")
     records = read_metrics(out / "metrics.jsonl")
     report_dir = out / REPORT_DIR
-    try:
-        report_dir.mkdir(exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {report_dir} ({err.strerror}): is {out} writable?") from None
+    plots = [report_dir / f"{name}.png" for name in PLOTS]
+    refuse_overwriting(
+        [out / "metrics.jsonl"],
+        [(path, f"the report's {path.name}") for path in [*plots, out / "report.md"]],
+        "replace that link with a plain file",
+    )
     plt = _pyplot()
     title = out.resolve().name
     written = []
     try:
-        for name, plot in zip(PLOTS, (plot_loss, plot_psnr, plot_speed), strict=True):
-            path = report_dir / f"{name}.png"
-            atomic_write(path, _png(plt, plot(plt, records, title)))
-            written.append(path)
+        with made_folder(report_dir, "the report folder"):
+            for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
+                atomic_write(path, _png(plt, plot(plt, records, title)))
+                written.append(path)
         path = out / "report.md"
         atomic_write(path, markdown(out, records).encode("utf-8"))
         written.append(path)

@@ -19,7 +19,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from ae.errors import warn
-from ae.files import atomic_write, png_bytes
+from ae.files import atomic_write, parse_json, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
 
@@ -174,6 +174,6 @@ def _write_problem(folder: Path) -> str | None:
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line; None for a line torn by a crash mid-write."""
     try:
-        return int(json.loads(line)["step"])
+        return int(parse_json(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
