@@ -234,6 +234,8 @@ class BetonFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"{self.path} is not a regular file (a folder, FIFO or device): pass a beton")
         if not self.path.is_file():
             raise UserError(f"beton not found: {self.path} (run `python -m data_prep --out DIR ...` first)")
         try:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable image
     from ae.noise import Corruption
 
 MULTIPLE = 4  # two 2x2 poolings: the model needs H, W multiples of 4
+MIN_TILE = 32  # smaller tiles spend most of the time on their margins
 MARGIN = 16  # overlap kept around each tile (a multiple of 4, well over the ~10 px receptive field)
 DEFAULT_TILE = 512
 # Input pixels per forward pass unless --batch-size says fewer items (CPU: ~0.5 GB of activations).
@@ -399,7 +400,7 @@ def build_parser() -> OneLineParser:
         "--tile",
         type=int,
         default=DEFAULT_TILE,
-        help=f"tile side in pixels, a multiple of {MULTIPLE}: {MULTIPLE}..{max_tile('cpu')} on the CPU, "
+        help=f"tile side in pixels, a multiple of {MULTIPLE}: {MIN_TILE}..{max_tile('cpu')} on the CPU, "
         f"..{max_tile('cuda')} on a GPU (a tile and its margin within the memory budget)",
     )
     p.add_argument(
@@ -424,8 +425,8 @@ def _format_size(image: np.ndarray) -> str:
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tile < MULTIPLE or args.tile % MULTIPLE:
-        raise UserError(f"--tile {args.tile}: use a positive multiple of {MULTIPLE} (e.g. 512)")
+    if args.tile < MIN_TILE or args.tile % MULTIPLE:
+        raise UserError(f"--tile {args.tile}: use a multiple of {MULTIPLE} of at least {MIN_TILE} (e.g. 512)")
     if args.batch_size is not None and not 1 <= args.batch_size <= BATCH_SIZE_MAX:
         raise UserError(f"--batch-size {args.batch_size}: use 1..{BATCH_SIZE_MAX}")
     check_range("--seed", args.seed, 0, SEED_MAX)

@@ -48,6 +48,8 @@ TABLE = (
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, each with an integer "step"; one-line errors for a bad file."""
     hint = "point ae.report at a run folder written by train.py"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file (a FIFO or device?): {hint}")
     if not path.is_file():
         raise UserError(f"{path} not found: {hint} (it writes OUT/metrics.jsonl at the first log step)")
     size = path.stat().st_size
