@@ -69,7 +69,7 @@ def load_manifest(data_dir: Path) -> dict[str, Any]:
     """Read and check DIR/manifest.json; UserError if it is missing, unreadable or not this format."""
     data_dir = Path(data_dir)
     path = manifest_path(data_dir)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"no prepared data in {data_dir} ({path.name} not found): {_rerun_hint(data_dir)}")
     try:
         manifest = read_json(path)

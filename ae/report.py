@@ -25,6 +25,7 @@ from ae.errors import OneLineParser, UserError, friendly_errors, warn
 from ae.files import atomic_write, made_folder, parse_json, refuse_overwriting
 
 REPORT_DIR = "report"
+MAX_STEP = 2**53  # steps and values beyond a float's exact range are not a run's
 MAX_METRICS_BYTES = 256 << 20  # a 100-epoch run logging every step writes about 10 MB
 PLOTS = ("loss", "psnr", "speed")
 # The final-metrics table: (key, label, format), in this order; keys a run lacks are left out.
@@ -73,8 +74,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             record = parse_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-            if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+            step = record.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
                 raise ValueError('no integer "step"')
+            if not 0 <= step <= MAX_STEP:
+                raise ValueError(f'"step" is outside 0..{MAX_STEP}')
         except ValueError as err:
             if torn_tail and number == len(lines):
                 warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
@@ -94,7 +98,9 @@ def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list
     by_step: dict[int, float] = {}
     for record in records:
         value = record.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_STEP
+        ):
             by_step[record["step"]] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
@@ -210,7 +216,7 @@ def _format(value: Any, fmt: str) -> str:
         return str(value)
     try:
         return fmt.format(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return f"{value:g}"
 
 

@@ -352,6 +352,9 @@ def test_report_input_is_bounded_and_never_overwritten(tmp_path, capsys):
     line = cli_error(capsys, report_main, run_dir)
     assert "metrics.jsonl line 2" in line and "nested too deeply" in line
     assert tree(tmp_path) == before
+    (run_dir / "metrics.jsonl").write_text(f'{{"step": {10**400}, "train/loss": 0.6}}\n')
+    line = cli_error(capsys, report_main, run_dir)
+    assert "metrics.jsonl line 1" in line and '"step" is outside 0..' in line
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.6}\n')
     (run_dir / "report.md").symlink_to(run_dir / "metrics.jsonl")
     before = tree(tmp_path)
