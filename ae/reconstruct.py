@@ -375,8 +375,12 @@ def collect_inputs(args: list[str]) -> list[Path]:
     return [next(p for p in paths if p.resolve() == r) for r in unique]
 
 
-OUTPUTS = {"recon": ("{}.png", "the reconstruction"), "noisy": ("{}_noisy.png", "the noisy input"),
-           "side": ("{}_side_by_side.png", "the side-by-side image")}  # fmt: skip
+# What each input becomes: kind → (file name from the input's stem, what the file holds).
+OUTPUTS = {
+    "recon": ("{}.png", "the reconstruction"),
+    "noisy": ("{}_noisy.png", "the noisy input"),
+    "side": ("{}_side_by_side.png", "the side-by-side image"),
+}
 
 
 def output_names(paths: list[Path], out: Path, noisy: bool, side: bool) -> dict[Path, dict[str, Path]]:
