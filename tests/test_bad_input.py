@@ -26,8 +26,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ae.beton import load_manifest
-from ae.config import parse_args
-from ae.errors import friendly_errors
+from ae.config import check_batch_size, parse_args
+from ae.errors import UserError, friendly_errors
 from ae.evaluate import main as evaluate_main
 from ae.model import ConvAutoencoder
 from ae.reconstruct import main as reconstruct_main
@@ -190,6 +190,13 @@ def test_c_train_refuses_before_creating_anything(tiny_data, tmp_path):
     result = train("--data", tiny_data, "--out", tmp_path / "out", "--batch-size", "1000", "--cpu")
     assert_one_line_error(result, "--batch-size 1000", "256 training images", "use at most 256")
     assert not (tmp_path / "out").exists()
+
+
+def test_c_batch_size_is_bounded_by_memory():
+    """What the trainer checks once it knows the device: a step's memory against what is free."""
+    check_batch_size(200, 5000, 100 << 20)  # 200 x 0.5 MiB fits in 100 MiB
+    with pytest.raises(UserError, match=r"--batch-size 1000 needs about 0\.5 GiB .* use at most 200"):
+        check_batch_size(1000, 5000, 100 << 20)
 
 
 def test_c_tool_flags_have_ranges(model_file, tiny_data, tmp_path, capsys):
