@@ -19,7 +19,7 @@ import, which takes seconds). It needs numpy and the standard library only, so i
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,17 @@ from typing import Any
 import numpy as np
 
 from ae.errors import UserError
+from ae.files import read_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "test")
 SOURCE_KINDS = ("image-folder", "cifar-python-archive", "cifar-python-folder")
 IMAGE_SHAPE = (32, 32, 3)
+MAX_COUNT = 1 << 31  # images in one split (CIFAR-10 has 50,000)
+MAX_CLASSES = 1000
+MAX_CLASS_NAME = 200
+BCE_FLOOR_MAX = math.log(2)  # the binary entropy of a pixel is at most ln 2
 _CHUNK = 4 << 20  # 4 MiB reads for hashing
 
 
@@ -64,11 +69,11 @@ def load_manifest(data_dir: Path) -> dict[str, Any]:
     """Read and check DIR/manifest.json; UserError if it is missing, unreadable or not this format."""
     data_dir = Path(data_dir)
     path = manifest_path(data_dir)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"no prepared data in {data_dir} ({path.name} not found): {_rerun_hint(data_dir)}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())
         raise UserError(f"cannot read {path} ({reason}): {_rerun_hint(data_dir)} (with --force)") from None
     problem = check_manifest(manifest)
@@ -79,16 +84,27 @@ def load_manifest(data_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_class_list(value: Any) -> bool:
+    """1..MAX_CLASSES distinct, non-empty class names of at most MAX_CLASS_NAME characters."""
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_CLASSES
+        and all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in value)
+        and len(set(value)) == len(value)
+    )
 
 
 def check_manifest(manifest: Any) -> str | None:
-    """None if `manifest` has the format_version 1 shape, else a short description of what is wrong."""
+    """None if `manifest` has the format_version 1 shape, every value of its type and in its range;
+    else a short description naming the first field that is not."""
     if not isinstance(manifest, dict):
         return "not a JSON object"
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -101,8 +117,8 @@ def check_manifest(manifest: Any) -> str | None:
     if not isinstance(source.get("path"), str) or not isinstance(source.get("downloaded"), bool):
         return "source needs a path and downloaded"
     limit = manifest.get("limit", "missing")
-    if limit is not None and not (_is_int(limit) and limit > 0):
-        return f"limit is {limit!r}"
+    if limit is not None and not _is_int(limit, 1, MAX_COUNT):
+        return f"limit is {limit!r}, expected null or 1..{MAX_COUNT}"
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         return "no splits"
@@ -112,26 +128,27 @@ def check_manifest(manifest: Any) -> str | None:
             return f"no {split} split"
         if entry.get("file") != beton_path(Path(), split).name:
             return f"{split}.file is {entry.get('file')!r}"
-        if not (_is_int(entry.get("count")) and entry["count"] > 0):
-            return f"{split}.count is {entry.get('count')!r}"
-        classes = entry.get("classes")
-        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-            return f"{split}.classes is not a list of names"
-        shape = entry.get("image_shape")
-        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(s) for s in shape)):
-            return f"{split}.image_shape is {shape!r}"
+        most = MAX_COUNT if limit is None else limit
+        if not _is_int(entry.get("count"), 1, most):
+            return f"{split}.count is {entry.get('count')!r}, expected 1..{most}"
+        if not is_class_list(entry.get("classes")):
+            return f"{split}.classes is not a list of 1..{MAX_CLASSES} distinct names"
+        if entry["classes"] != splits[SPLITS[0]]["classes"]:
+            return f"{split}.classes differ from {SPLITS[0]}.classes"
+        if entry.get("image_shape") != list(IMAGE_SHAPE):
+            return f"{split}.image_shape is {entry.get('image_shape')!r}, expected {list(IMAGE_SHAPE)}"
         digest = entry.get("sha256")
         if not (
             isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
         ):
             return f"{split}.sha256 is not a hex digest"
-        if not (_is_int(entry.get("size_bytes")) and entry["size_bytes"] > 0):
+        if not _is_int(entry.get("size_bytes"), 1, 1 << 62):
             return f"{split}.size_bytes is {entry.get('size_bytes')!r}"
         mean = entry.get("pixel_mean")
-        if not (isinstance(mean, list) and len(mean) == 3 and all(_is_number(m) for m in mean)):
-            return f"{split}.pixel_mean is {mean!r}"
-        if not _is_number(entry.get("bce_floor")):
-            return f"{split}.bce_floor is {entry.get('bce_floor')!r}"
+        if not (isinstance(mean, list) and len(mean) == 3 and all(_is_number(m, 0.0, 1.0) for m in mean)):
+            return f"{split}.pixel_mean is {mean!r}, expected 3 numbers in [0, 1]"
+        if not _is_number(entry.get("bce_floor"), 0.0, BCE_FLOOR_MAX):
+            return f"{split}.bce_floor is {entry.get('bce_floor')!r}, expected a number in [0, ln 2]"
     return None
 
 
@@ -153,6 +170,7 @@ def verify_beton(data_dir: Path, split: str, manifest: dict[str, Any], check_has
             f"{path} is {size} bytes but {MANIFEST_NAME} says {entry['size_bytes']}: "
             f"the file is corrupt or was replaced; {redo}"
         )
+    check_beton_header(data_dir, split, manifest)
     if check_hash:
         digest = sha256_file(path)
         if digest != entry["sha256"]:
@@ -160,6 +178,32 @@ def verify_beton(data_dir: Path, split: str, manifest: dict[str, Any], check_has
                 f"{path} has SHA-256 {digest[:12]}... but {MANIFEST_NAME} says {entry['sha256'][:12]}...: "
                 f"the file is corrupt or was replaced; {redo} (or pass --no-verify-data to skip the hash)"
             )
+
+
+def check_beton_header(data_dir: Path, split: str, manifest: dict[str, Any]) -> None:
+    """Check what the manifest claims (count, image shape, classes) against the beton's own header."""
+    path = beton_path(data_dir, split)
+    beton = BetonFile(path)  # the field layout: an RGB `image` stored raw and an int `label`
+    entry = manifest["splits"][split]
+    redo = (
+        f"{MANIFEST_NAME} was edited or belongs to other betons; "
+        f"re-run `python -m data_prep --out {data_dir} --source ... --force`"
+    )
+    if len(beton) != entry["count"]:
+        raise UserError(
+            f"{manifest_path(data_dir)} says {split}.count is {entry['count']} but {path} holds {len(beton)} images: {redo}"
+        )
+    if list(beton.shape) != entry["image_shape"]:
+        raise UserError(
+            f"{manifest_path(data_dir)} says {split}.image_shape is {entry['image_shape']} "
+            f"but {path} holds {list(beton.shape)} images: {redo}"
+        )
+    n_classes = len(entry["classes"])
+    if len(beton) and (beton.labels.min() < 0 or beton.labels.max() >= n_classes):
+        raise UserError(
+            f"{path} has labels outside 0..{n_classes - 1}, the {n_classes} {split}.classes of "
+            f"{manifest_path(data_dir)}: {redo}"
+        )
 
 
 # The beton layout of FFCV 1.0.2 (ffcv/types.py, ffcv/fields/*.py), file format version 2.
@@ -190,6 +234,8 @@ class BetonFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise UserError(f"{self.path} is not a regular file (a folder, FIFO or device): pass a beton")
         if not self.path.is_file():
             raise UserError(f"beton not found: {self.path} (run `python -m data_prep --out DIR ...` first)")
         try:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from ae.beton import sha256_file
 from ae.errors import UserError, warn
-from ae.files import atomic_write, fsync_path
+from ae.files import atomic_write, fsync_path, read_json
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
@@ -39,7 +39,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 def problem_with(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be trusted, or None if every file matches its manifest."""
     try:
-        manifest = json.loads((checkpoint / MANIFEST).read_text())
+        manifest = read_json(checkpoint / MANIFEST)
         for name, expected in manifest["files"].items():
             path = checkpoint / name
             if not path.is_file():
@@ -48,7 +48,7 @@ def problem_with(checkpoint: Path) -> str | None:
                 return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
             if sha256_file(path) != expected["sha256"]:
                 return f"{name} does not match its checksum"
-        json.loads((checkpoint / STATE).read_text())
+        read_json(checkpoint / STATE)
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its manifest or state is unreadable ({type(err).__name__})"
     return None
@@ -74,7 +74,7 @@ def latest_valid(root: Path) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE).read_text())
+    return read_json(checkpoint / STATE)
 
 
 def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:

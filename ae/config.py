@@ -4,15 +4,45 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ae.errors import OneLineParser, UserError
+from ae.errors import SEED_MAX, OneLineParser, UserError, check_range
 from ae.noise import parse_noise
 
 DEFAULT_DATA = Path("data/cifar10")
 DEFAULT_OUT = Path("runs/cifar10")
 SOURCE_ENV = "CIFAR_SOURCE"
+if TYPE_CHECKING:
+    import torch
+
+
+STEPS_MAX = 10**9
+LR_MAX = 10.0
+# Memory one image of a batch takes in a training step: about 300 kB measured (fp32, CPU), doubled.
+TRAIN_BYTES_PER_IMAGE = 512 << 10
+# The range of every integer flag, checked before anything is created; `None`: no upper bound here.
+# --batch-size is also bounded, once the data and device are known, by memory and the split's size.
+RANGES: dict[str, tuple[str, int, int | None]] = {
+    "--epochs": ("epochs", 1, 1_000_000),
+    "--batch-size": ("batch_size", 1, 1 << 20),
+    "--seed": ("seed", 0, SEED_MAX),
+    "--max-steps": ("max_steps", 1, STEPS_MAX),
+    "--log-every": ("log_every", 1, STEPS_MAX),
+    "--eval-every": ("eval_every", 1, STEPS_MAX),
+    "--checkpoint-every": ("checkpoint_every", 1, STEPS_MAX),
+    "--keep-checkpoints": ("keep_checkpoints", 1, 1000),
+    "--data-workers": ("data_workers", 1, None),
+    "--dist-timeout": ("dist_timeout", 1, 7 * 24 * 3600),
+    "--inject-nan-at-step": ("inject_nan_at_step", 0, STEPS_MAX),
+}
+
+
+def _range(flag: str) -> str:
+    _, low, high = RANGES[flag]
+    return f"{low}..{high}" if high is not None else f"at least {low}"
 
 
 @dataclass
@@ -72,15 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CIFAR-10 to prepare a --data without data from, as in data_prep (default: ${SOURCE_ENV}, "
         "else download)",
     )
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128, help="per process (global = this × processes)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between train metrics")
-    p.add_argument("--eval-every", type=int, help="steps between test evaluations (also at every epoch end)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (also at every epoch end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    p.add_argument("--epochs", type=int, default=100, help=_range("--epochs"))
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help=f"per process (global = this × processes); {_range('--batch-size')}, at most the images each "
+        "process gets and what memory holds",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help=f"Adam learning rate, in (0, {LR_MAX:g}]")
+    p.add_argument("--seed", type=int, default=0, help=_range("--seed"))
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"stop after this many optimizer steps (overrides --epochs); {_range('--max-steps')}",
+    )
+    p.add_argument(
+        "--log-every", type=int, default=50, help=f"steps between train metrics; {_range('--log-every')}"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        help=f"steps between test evaluations (also at every epoch end); {_range('--eval-every')}",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"steps between checkpoints (also at every epoch end); {_range('--checkpoint-every')}",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help=f"how many checkpoints to keep; {_range('--keep-checkpoints')}",
+    )
     p.add_argument(
         "--wandb-mode", choices=["online", "offline", "disabled"], help="default: online if logged in"
     )
@@ -91,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision", choices=["no", "bf16", "fp16"], help="default: the accelerate config's, else no"
     )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--noise", help="denoising: corrupt inputs with gaussian:SIGMA or saltpepper:P")
+    p.add_argument(
+        "--noise", help="denoising: corrupt inputs with gaussian:SIGMA or saltpepper:P (both in [0, 1])"
+    )
     p.add_argument(
         "--fast",
         action=argparse.BooleanOptionalAction,
@@ -108,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--on-nan", choices=["stop", "skip"], default="stop", help="non-finite loss: stop or skip step"
     )
-    p.add_argument("--dist-timeout", type=int, default=300, help="seconds before a stuck collective fails")
+    p.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=300,
+        help=f"seconds before a stuck collective fails; {_range('--dist-timeout')}",
+    )
     p.add_argument("--inject-nan-at-step", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -120,24 +182,43 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    at_least_one = {
-        "--epochs": cfg.epochs,
-        "--batch-size": cfg.batch_size,
-        "--max-steps": cfg.max_steps,
-        "--log-every": cfg.log_every,
-        "--eval-every": cfg.eval_every,
-        "--checkpoint-every": cfg.checkpoint_every,
-        "--keep-checkpoints": cfg.keep_checkpoints,
-        "--data-workers": cfg.data_workers,
-        "--dist-timeout": cfg.dist_timeout,
-    }
-    for flag, value in at_least_one.items():
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    """Every flag against its range, and --data is a folder: before anything is created."""
+    for flag, (name, low, high) in RANGES.items():
+        check_range(flag, getattr(cfg, name), low, high)
+    if not (math.isfinite(cfg.lr) and 0 < cfg.lr <= LR_MAX):
+        raise UserError(f"--lr must be a positive number up to {LR_MAX:g} (e.g. 1e-3), got {cfg.lr}")
     parse_noise(cfg.noise)
     if cfg.data.exists() and not cfg.data.is_dir():
         raise UserError(
             f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out DIR` and pass that"
+        )
+
+
+def free_memory(device: torch.device, local_processes: int) -> int:
+    """Bytes this process may use on `device`: free GPU memory, or the host's available RAM shared
+    among the processes on this machine."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // max(1, local_processes)
+
+
+def check_batch_size(batch_size: int, images_per_process: int, memory_bytes: int) -> None:
+    """--batch-size against the images each process gets and the memory a step of it needs."""
+    if batch_size > images_per_process:
+        raise UserError(
+            f"--batch-size {batch_size} is larger than the {images_per_process} training images each "
+            f"process gets: use at most {images_per_process}"
+        )
+    fits = memory_bytes // TRAIN_BYTES_PER_IMAGE
+    if batch_size > fits:
+        raise UserError(
+            f"--batch-size {batch_size} needs about {batch_size * TRAIN_BYTES_PER_IMAGE / 2**30:.1f} GiB per "
+            f"process but {memory_bytes / 2**30:.1f} GiB is free: use at most {max(1, fits)}"
         )

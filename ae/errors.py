@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 R = TypeVar("R")
 
+SEED_MAX = 2**32 - 1  # every tool's --seed is in 0..SEED_MAX
+
 
 def warn(message: str) -> None:
     """Print one warning line on stderr (newlines folded; on its own line even under a progress bar)."""
@@ -20,6 +22,14 @@ def warn(message: str) -> None:
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing or corrupt file). Printed as one line, exit 2."""
+
+
+def check_range(flag: str, value: int | None, low: int, high: int | None) -> None:
+    """UserError unless `value` (None: not given) is in low..high (high None: no upper bound)."""
+    if value is not None and value < low:
+        raise UserError(f"{flag} must be at least {low}, got {value}")
+    if value is not None and high is not None and value > high:
+        raise UserError(f"{flag} must be at most {high}, got {value}")
 
 
 def friendly_errors(main: Callable[..., R]) -> Callable[..., R]:

@@ -49,8 +49,13 @@ def parse_noise(spec: str | None) -> Corruption | None:
         raise UserError(
             f"--noise {spec!r} is not valid: use gaussian:SIGMA (e.g. gaussian:0.2) or saltpepper:P"
         )
-    if kind == "saltpepper" and amount > 1:
-        raise UserError(f"--noise {spec!r}: the salt-and-pepper probability must be between 0 and 1")
+    if amount > 1:
+        what = (
+            "the Gaussian sigma (in pixel units of [0, 1])"
+            if kind == "gaussian"
+            else "the salt-and-pepper probability"
+        )
+        raise UserError(f"--noise {spec!r}: {what} must be between 0 and 1")
     return Corruption(kind, amount)
 
 

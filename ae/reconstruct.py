@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ae.errors import OneLineParser, UserError, friendly_errors
-from ae.files import atomic_write, png_bytes
-from ae.weights import load_model, noise_arg, resolve_device
+from ae.errors import SEED_MAX, OneLineParser, UserError, check_range, friendly_errors
+from ae.files import atomic_write, made_folder, png_bytes, refuse_overwriting
+from ae.weights import load_model, noise_arg, resolve_device, resolve_model_path
 
 if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable images are reported at once
     import torch
@@ -39,10 +39,12 @@ if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable image
     from ae.noise import Corruption
 
 MULTIPLE = 4  # two 2x2 poolings: the model needs H, W multiples of 4
+MIN_TILE = 32  # smaller tiles spend most of the time on their margins
 MARGIN = 16  # overlap kept around each tile (a multiple of 4, well over the ~10 px receptive field)
 DEFAULT_TILE = 512
 # Input pixels per forward pass unless --batch-size says fewer items (CPU: ~0.5 GB of activations).
 PIXEL_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 22}
+BATCH_SIZE_MAX = 4096
 NOISE_ROWS = 256  # noise is drawn in bands of this many rows (fixed, so it depends only on seed and size)
 SIDE_GAP = 8  # white pixels between the panels of a side-by-side image
 # For folder arguments: files with these extensions are taken as images (others are ignored).
@@ -81,7 +83,7 @@ def round_up(n: int, multiple: int = MULTIPLE) -> int:
 # ------------------------------------------------------------------ images in and out
 
 
-def _to_rgb(image: Any) -> Any:
+def _to_rgb(image: Any, path: Path) -> Any:
     """A Pillow image in any mode → RGB (alpha composited over white, 16-bit and float greys scaled)."""
     from PIL import Image
 
@@ -90,6 +92,11 @@ def _to_rgb(image: Any) -> Any:
         return image
     if mode.startswith("I") or mode == "F":
         values = np.asarray(image).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise UserError(
+                f"{path} has NaN or infinite pixels: save it without them "
+                "(e.g. as 8- or 16-bit) and pass it again"
+            )
         top = values.max(initial=0.0)
         if mode.startswith("I;16") or top > 255:
             scale = 255.0 / (65535.0 if top <= 65535 else top)
@@ -113,7 +120,9 @@ def load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             upright = ImageOps.exif_transpose(image)
-            return np.array(_to_rgb(upright), dtype=np.uint8)
+            return np.array(_to_rgb(upright, path), dtype=np.uint8)
+    except UserError:
+        raise
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         raise UserError(f"cannot open {path} ({err.strerror}): check the path") from None
     except MemoryError:
@@ -356,25 +365,28 @@ def collect_inputs(args: list[str]) -> list[Path]:
                     f"folder {path} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)"
                 )
             paths += found
-        elif path.exists():
+        elif path.is_file():
             paths.append(path)
+        elif path.exists():
+            raise UserError(f"{path} is not a regular file (a FIFO or device?): pass image files or folders")
         else:
             raise UserError(f"{path} not found: pass image files or folders of images")
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     return [next(p for p in paths if p.resolve() == r) for r in unique]
 
 
-def output_names(paths: list[Path], out: Path) -> dict[Path, Path]:
-    targets: dict[Path, Path] = {}
-    for path in paths:
-        target = out / f"{path.stem}.png"
-        clash = next((p for p, t in targets.items() if t == target), None)
-        if clash is not None:
-            raise UserError(
-                f"{clash} and {path} would both be written to {target}: rename one or run them separately"
-            )
-        targets[path] = target
-    return targets
+# What each input becomes: kind → (file name from the input's stem, what the file holds).
+OUTPUTS = {
+    "recon": ("{}.png", "the reconstruction"),
+    "noisy": ("{}_noisy.png", "the noisy input"),
+    "side": ("{}_side_by_side.png", "the side-by-side image"),
+}
+
+
+def output_names(paths: list[Path], out: Path, noisy: bool, side: bool) -> dict[Path, dict[str, Path]]:
+    """Per input, the files this run writes: "recon" DIR/<stem>.png, "noisy" and "side" if asked for."""
+    kinds = ["recon"] + ["noisy"] * noisy + ["side"] * side
+    return {path: {kind: out / OUTPUTS[kind][0].format(path.stem) for kind in kinds} for path in paths}
 
 
 def build_parser() -> OneLineParser:
@@ -387,11 +399,27 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for DIR/<stem>.png")
     p.add_argument("--side-by-side", action="store_true", help="also write original | reconstruction")
     p.add_argument("--noise", help="add Gaussian noise of this sigma first (or gaussian:S / saltpepper:P)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels (a multiple of 4)")
-    p.add_argument("--batch-size", type=int, help="tiles or images per forward pass (default: by memory)")
+    p.add_argument("--seed", type=int, default=0, help=f"noise seed, 0..{SEED_MAX}")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=DEFAULT_TILE,
+        help=f"tile side in pixels, a multiple of {MULTIPLE}: {MIN_TILE}..{max_tile('cpu')} on the CPU, "
+        f"..{max_tile('cuda')} on a GPU (a tile and its margin within the memory budget)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"tiles or images per forward pass, 1..{BATCH_SIZE_MAX} (default: by memory)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     return p
+
+
+def max_tile(device_type: str, margin: int = MARGIN) -> int:
+    """The largest --tile whose window (tile plus margins) fits the device's pixel budget."""
+    side = int(PIXEL_BUDGET.get(device_type, PIXEL_BUDGET["cpu"]) ** 0.5) - 2 * margin
+    return side - side % MULTIPLE
 
 
 def _format_size(image: np.ndarray) -> str:
@@ -401,23 +429,48 @@ def _format_size(image: np.ndarray) -> str:
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tile < MULTIPLE or args.tile % MULTIPLE:
-        raise UserError(f"--tile {args.tile}: use a positive multiple of {MULTIPLE} (e.g. 512)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: use 1 or more")
+    if args.tile < MIN_TILE or args.tile % MULTIPLE:
+        raise UserError(f"--tile {args.tile}: use a multiple of {MULTIPLE} of at least {MIN_TILE} (e.g. 512)")
+    if args.batch_size is not None and not 1 <= args.batch_size <= BATCH_SIZE_MAX:
+        raise UserError(f"--batch-size {args.batch_size}: use 1..{BATCH_SIZE_MAX}")
+    check_range("--seed", args.seed, 0, SEED_MAX)
     paths = collect_inputs(args.inputs)
     for path in paths:
         check_image(path)
     corruption = noise_arg(args.noise)
     device = resolve_device(args.device)
-    model = load_model(args.model, device)
+    if args.tile > max_tile(device.type):
+        raise UserError(
+            f"--tile {args.tile}: a tile that large does not fit the {device.type} memory budget; "
+            f"use at most {max_tile(device.type)} (images of any size are split into tiles)"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder: choose another --out")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {args.out} ({err.strerror}): choose another folder") from None
-    targets = output_names(paths, args.out)
+    targets = output_names(paths, args.out, corruption is not None, args.side_by_side)
+    refuse_overwriting(
+        [*paths, resolve_model_path(args.model)],
+        [
+            (target, f"{OUTPUTS[kind][1]} of {path}")
+            for path, names in targets.items()
+            for kind, target in names.items()
+        ],
+        "choose another --out, or rename the inputs",
+    )
+    model = load_model(args.model, device)
+    with made_folder(args.out, "--out"):
+        _reconstruct_all(args, paths, targets, corruption, model, device)
+    return 0
+
+
+def _reconstruct_all(
+    args: Any,
+    paths: list[Path],
+    targets: dict[Path, dict[str, Path]],
+    corruption: Corruption | None,
+    model: torch.nn.Module,
+    device: torch.device,
+) -> None:
+    """Write every input's outputs, one line each."""
 
     def inputs() -> Iterator[tuple[tuple[Path, np.ndarray, np.ndarray], np.ndarray]]:
         """((path, clean, fed), fed) per image: the key carries the images to the output side."""
@@ -429,12 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = TileRunner(model, device, args.tile, MARGIN, args.batch_size)
     for (path, clean, fed), recon in runner.run(inputs()):
         recon = recon.numpy()
-        target = targets[path]
+        target = targets[path]["recon"]
         write_png(target, recon)
         line = f"{path}  {_format_size(clean)}  -> {target}"
         panels = [clean]
         if corruption is not None:
-            noisy_target = target.with_name(f"{target.stem}_noisy.png")
+            noisy_target = targets[path]["noisy"]
             write_png(noisy_target, fed)
             panels.append(fed)
             noisy_psnr = uint8_psnr_db(fed, clean)
@@ -446,11 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             line += f"  psnr {uint8_psnr_db(recon, clean):.2f} dB"
         if args.side_by_side:
-            side_target = target.with_name(f"{target.stem}_side_by_side.png")
+            side_target = targets[path]["side"]
             write_png(side_target, side_by_side([*panels, recon]))
             line += f"  side-by-side {side_target.name}"
         print(line, flush=True)
-    return 0
 
 
 if __name__ == "__main__":

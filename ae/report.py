@@ -14,7 +14,6 @@ a warning. Any other unreadable line, or a file without records, is a one-line e
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ae.errors import OneLineParser, UserError, friendly_errors, warn
-from ae.files import atomic_write
+from ae.files import atomic_write, made_folder, parse_json, refuse_overwriting
 
 REPORT_DIR = "report"
+MAX_STEP = 2**53  # steps and values beyond a float's exact range are not a run's
+MAX_METRICS_BYTES = 256 << 20  # a 100-epoch run logging every step writes about 10 MB
 PLOTS = ("loss", "psnr", "speed")
 # The final-metrics table: (key, label, format), in this order; keys a run lacks are left out.
 TABLE = (
@@ -48,8 +49,16 @@ TABLE = (
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, each with an integer "step"; one-line errors for a bad file."""
     hint = "point ae.report at a run folder written by train.py"
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file (a FIFO or device?): {hint}")
     if not path.is_file():
         raise UserError(f"{path} not found: {hint} (it writes OUT/metrics.jsonl at the first log step)")
+    size = path.stat().st_size
+    if size > MAX_METRICS_BYTES:
+        raise UserError(
+            f"{path} is {size:,} bytes, more than the {MAX_METRICS_BYTES:,} ae.report reads: "
+            "is it a metrics.jsonl written by train.py?"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -62,11 +71,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-            if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+            step = record.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
                 raise ValueError('no integer "step"')
+            if not 0 <= step <= MAX_STEP:
+                raise ValueError(f'"step" is outside 0..{MAX_STEP}')
         except ValueError as err:
             if torn_tail and number == len(lines):
                 warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
@@ -86,7 +98,9 @@ def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list
     by_step: dict[int, float] = {}
     for record in records:
         value = record.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_STEP
+        ):
             by_step[record["step"]] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
@@ -202,7 +216,7 @@ def _format(value: Any, fmt: str) -> str:
         return str(value)
     try:
         return fmt.format(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return f"{value:g}"
 
 
@@ -244,18 +258,20 @@ def write_report(out: Path) -> list[Path]:
         raise UserError(f"run folder {out} not found: pass the --out folder of a train.py run")
     records = read_metrics(out / "metrics.jsonl")
     report_dir = out / REPORT_DIR
-    try:
-        report_dir.mkdir(exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {report_dir} ({err.strerror}): is {out} writable?") from None
+    plots = [report_dir / f"{name}.png" for name in PLOTS]
+    refuse_overwriting(
+        [out / "metrics.jsonl"],
+        [(path, f"the report's {path.name}") for path in [*plots, out / "report.md"]],
+        "replace that link with a plain file",
+    )
     plt = _pyplot()
     title = out.resolve().name
     written = []
     try:
-        for name, plot in zip(PLOTS, (plot_loss, plot_psnr, plot_speed), strict=True):
-            path = report_dir / f"{name}.png"
-            atomic_write(path, _png(plt, plot(plt, records, title)))
-            written.append(path)
+        with made_folder(report_dir, "the report folder"):
+            for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
+                atomic_write(path, _png(plt, plot(plt, records, title)))
+                written.append(path)
         path = out / "report.md"
         atomic_write(path, markdown(out, records).encode("utf-8"))
         written.append(path)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from ae.beton import SPLITS, beton_path, manifest_path
 from ae.errors import warn
-from ae.files import atomic_write, png_bytes
+from ae.files import atomic_write, parse_json, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
 # Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
@@ -317,6 +317,6 @@ def _write_problem(folder: Path) -> str | None:
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line; None for a line torn by a crash mid-write."""
     try:
-        return int(json.loads(line)["step"])
+        return int(parse_json(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None

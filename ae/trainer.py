@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ae import checkpoint
 from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
-from ae.config import TrainConfig
+from ae.config import TrainConfig, check_batch_size, free_memory
 from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, eval_shard, read_split
 from ae.errors import UserError, warn
 from ae.fast import CudaGraphStep, choose_step_path
@@ -96,6 +96,13 @@ class Trainer:
         self.manifest = load_manifest(cfg.data)
         for split in ("train", "test"):
             verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        memory = torch.tensor([free_memory(self.device, local_processes)], device=self.device)
+        check_batch_size(
+            cfg.batch_size,
+            -(-self.manifest["splits"]["train"]["count"] // self.world_size),
+            int(acc.gather(memory).min()),  # one value for all ranks: they stop together or go on together
+        )
         self.out = cfg.out
         self.checkpoints = self.out / "checkpoints"
         self._prepare_out_dir()
@@ -126,7 +133,7 @@ class Trainer:
             torch.cuda.current_stream().wait_stream(self.graph_stream)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
-        workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = cfg.data_workers or default_workers(local_processes)
         train_count = self.manifest["splits"]["train"]["count"]
         test_count = self.manifest["splits"]["test"]["count"]
         if cfg.data_on_device:
@@ -483,9 +490,14 @@ class Trainer:
         bad_steps = int(self.accelerator.reduce(self.bad_steps.clone(), "sum").item())
         if bad_steps and self.cfg.on_nan == "stop":
             first = min(s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s >= 0)
+            kept = (
+                f"the last good checkpoint in {self.checkpoints} is untouched"
+                if checkpoint.checkpoint_dirs(self.checkpoints)
+                else "no checkpoint was written yet"
+            )
             raise UserError(
-                f"non-finite loss at step {int(first)}: stopped without saving; the last good checkpoint in "
-                f"{self.checkpoints} is untouched (lower --lr, or pass --on-nan skip)"
+                f"non-finite loss at step {int(first)}: stopped without saving; {kept} "
+                "(lower --lr, or pass --on-nan skip)"
             )
         return bad_steps
 

@@ -37,6 +37,8 @@ def resolve_model_path(path: str | Path) -> Path:
         )
     if not path.exists():
         raise UserError(f"model file {path} not found: pass the right --model, or {_TRAIN_HINT}")
+    if not path.is_file():
+        raise UserError(f"--model {path} is not a regular file (a FIFO or device?): pass the weights file")
     return path
 
 
@@ -120,8 +122,8 @@ def noise_arg(spec: str | None) -> Corruption | None:
         if ":" in spec:
             return parse_noise(spec)
         sigma = float("nan")
-    if not sigma >= 0 or sigma == float("inf"):
+    if not 0 <= sigma <= 1:
         raise UserError(
-            f"--noise {spec!r} is not valid: use a sigma >= 0 (e.g. 0.1), gaussian:SIGMA or saltpepper:P"
+            f"--noise {spec!r} is not valid: use a sigma in [0, 1] (e.g. 0.1), gaussian:SIGMA or saltpepper:P"
         )
     return Corruption("gaussian", sigma)

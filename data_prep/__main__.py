@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ae.beton import MAX_COUNT
 from ae.errors import OneLineParser, friendly_errors
 from data_prep.sources import ACCEPTED
 
@@ -22,7 +23,9 @@ def build_parser() -> OneLineParser:
         metavar="PATH",
         help=f"local copy of CIFAR-10: {ACCEPTED}. Without it, CIFAR-10 is downloaded with torchvision into DIR/raw.",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="keep only the first N images of each split")
+    parser.add_argument(
+        "--limit", type=int, metavar="N", help=f"keep only the first N images of each split (1..{MAX_COUNT})"
+    )
     parser.add_argument(
         "--force",
         action="store_true",

@@ -10,16 +10,17 @@ The images are read with `ae.beton.BetonFile` (numpy alone, no FFCV import).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ae.beton import BetonFile
-from ae.errors import OneLineParser, UserError, friendly_errors
-from ae.files import atomic_write, png_bytes
+from ae.beton import MAX_CLASSES, BetonFile, is_class_list, manifest_path
+from ae.errors import OneLineParser, UserError, check_range, friendly_errors
+from ae.files import atomic_write, made_folder, png_bytes, read_json, refuse_overwriting
 
 SCALE = 3
+SCALE_MAX = 16
+GRID_PIXELS_MAX = 1 << 25  # 33.5 Mpx: the grid and its PNG encoding stay within a few hundred MB
 PAD = 4
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
@@ -27,13 +28,18 @@ TEXT = (0, 0, 0)
 
 def class_names_for(beton_path: Path, labels: np.ndarray) -> list[str]:
     """Class names from the sibling manifest.json if it has them, else "0", "1", ..."""
-    manifest = beton_path.with_name("manifest.json")
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-        splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+    manifest = manifest_path(beton_path.parent)
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+        splits = read_json(manifest)["splits"]
         for entry in splits.values():
-            if entry.get("file") == beton_path.name and isinstance(entry.get("classes"), list):
-                return [str(c) for c in entry["classes"]]
+            if entry.get("file") == beton_path.name and is_class_list(entry.get("classes")):
+                return entry["classes"]
     n = int(labels.max()) + 1 if len(labels) else 0
+    if n > MAX_CLASSES or (len(labels) and labels.min() < 0):
+        raise UserError(
+            f"beton {beton_path} has labels outside 0..{MAX_CLASSES - 1}: it is corrupt; "
+            "re-run `python -m data_prep --out DIR --source ... --force`"
+        )
     return [str(i) for i in range(n)]
 
 
@@ -83,12 +89,6 @@ def make_grid(beton: BetonFile, class_names: list[str], per_class: int = 8, scal
     return grid
 
 
-def save_png_atomic(image, out: Path) -> None:
-    """Save a PIL image as PNG through a temporary file in the same folder and a rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, png_bytes(np.asarray(image.convert("RGB"))))
-
-
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="python -m data_prep.preview",
@@ -96,24 +96,48 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("beton", help="a beton written by data_prep, e.g. DIR/train.beton")
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class (default 8)")
-    parser.add_argument("--scale", type=int, default=SCALE, help=f"upscaling factor (default {SCALE})")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=8,
+        metavar="N",
+        help="images per class (default 8): at least 1, at most the largest class's count",
+    )
+    parser.add_argument(
+        "--scale", type=int, default=SCALE, help=f"upscaling factor, 1..{SCALE_MAX} (default {SCALE})"
+    )
     return parser
 
 
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.per_class < 1 or args.scale < 1:
-        raise UserError("--per-class and --scale must be at least 1")
+    check_range("--per-class", args.per_class, 1, None)
+    check_range("--scale", args.scale, 1, SCALE_MAX)
     beton = BetonFile(args.beton)
     if len(beton) == 0:
         raise UserError(f"beton {beton.path} holds no images")
+    largest = int(np.unique(beton.labels, return_counts=True)[1].max())
+    if args.per_class > largest:
+        raise UserError(
+            f"--per-class {args.per_class}: the largest class in {beton.path} has {largest} images; "
+            f"use at most {largest}"
+        )
     class_names = class_names_for(beton.path, beton.labels)
-    grid = make_grid(beton, class_names, args.per_class, args.scale)
+    width, height = grid_size(class_names, args.per_class, beton.shape, args.scale)
+    if width * height > GRID_PIXELS_MAX:
+        raise UserError(
+            f"a grid of {width}x{height} pixels is over the {GRID_PIXELS_MAX:,}-pixel budget: "
+            "lower --per-class or --scale"
+        )
     out = Path(args.out)
+    refuse_overwriting(
+        [beton.path, manifest_path(beton.path.parent)], [(out, "the grid")], "choose another --out"
+    )
+    grid = make_grid(beton, class_names, args.per_class, args.scale)
     try:
-        save_png_atomic(grid, out)
+        with made_folder(out.parent, "--out folder"):
+            atomic_write(out, png_bytes(np.asarray(grid.convert("RGB"))))
     except OSError as err:
         raise UserError(f"cannot write {out} ({' '.join(str(err).split())})") from None
     print(f"wrote {out} ({grid.width}x{grid.height}, {len(class_names)} classes x {args.per_class})")

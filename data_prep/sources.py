@@ -48,6 +48,10 @@ KIND_NAMES = {
     "cifar-python-archive": "CIFAR-10 python archive",
     "cifar-python-folder": "CIFAR-10 python folder",
 }
+# Upper bounds for an archive or folder to be CIFAR-10 (its batches are 31 MB, its archive has 9 members),
+# checked from the tar header or the file size before anything is read: memory stays bounded.
+MAX_MEMBER_BYTES = 40 << 20
+MAX_ARCHIVE_MEMBERS = 1000
 # Decode image folders in worker processes only when there are this many files to read.
 PARALLEL_MIN_FILES = 4000
 _DECODE_CHUNK = 500
@@ -221,6 +225,7 @@ def _cifar_members_from_folder(folder: Path) -> Iterator[tuple[str, bytes, str]]
         path = folder / name
         if not path.is_file():
             raise UserError(f"CIFAR-10 python folder {folder} has no {name} (expected {ACCEPTED})")
+        _check_member_size(str(path), path.stat().st_size)
         try:
             data = path.read_bytes()
         except OSError as err:
@@ -228,16 +233,32 @@ def _cifar_members_from_folder(folder: Path) -> Iterator[tuple[str, bytes, str]]
         yield name, data, str(path)
 
 
+def _check_member_size(where: str, size: int) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise UserError(
+            f"{where} is {size:,} bytes, more than any CIFAR-10 batch ({MAX_MEMBER_BYTES:,} at most): "
+            f"not the official data; pass --source the real CIFAR-10 ({ACCEPTED})"
+        )
+
+
 def _cifar_members_from_archive(archive: Path) -> Iterator[tuple[str, bytes, str]]:
     wanted = {CIFAR_META, *CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH}
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
+            for number, member in enumerate(tar, start=1):
+                if number > MAX_ARCHIVE_MEMBERS:
+                    raise UserError(
+                        f"archive {archive} has more than {MAX_ARCHIVE_MEMBERS} members: not the official "
+                        f"CIFAR-10 archive (expected {ACCEPTED})"
+                    )
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted and base not in found:
+                    _check_member_size(f"{archive}:{member.name}", member.size)
                     fh = tar.extractfile(member)
                     found[base] = fh.read() if fh is not None else b""
+                    if len(found) == len(wanted):
+                        break
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise UserError(f"corrupt archive {archive} ({one_line(err)})") from None
     for name in (CIFAR_META, *CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH):

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from ae import beton
-from ae.errors import UserError
-from ae.files import fsync_path
+from ae.errors import UserError, check_range
+from ae.files import fsync_path, made_folder, read_json, refuse_overwriting
 from data_prep.sources import (
     SPLITS,
     SourceSpec,
@@ -172,8 +172,8 @@ def _read_existing(out: Path) -> tuple[dict | None, str | None]:
     if not path.exists():
         return None, None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        data = read_json(path)
+    except (OSError, ValueError) as err:
         return None, " ".join(str(err).split()) or type(err).__name__
     problem = beton.check_manifest(data)
     return (None, problem) if problem else (data, None)
@@ -281,18 +281,28 @@ def prepare(
             print(message, flush=True)
 
     out = Path(out).expanduser()
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1 (got {limit})")
+    check_range("--limit", limit, 1, beton.MAX_COUNT)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     spec: SourceSpec = detect_source(source) if source is not None else downloaded_spec(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out} ({one_line(err)})") from None
-    out = out.resolve()
-    with _locked(out, log):
-        return _prepare_locked(out, spec, source, limit, force, progress, log)
+    if source is not None:
+        _check_out_outside_source(out, spec)
+    with made_folder(out, "--out", leftovers=[LOCK_NAME]):
+        out = out.resolve()
+        with _locked(out, log):
+            return _prepare_locked(out, spec, source, limit, force, progress, log)
+
+
+def _check_out_outside_source(out: Path, spec: SourceSpec) -> None:
+    """The betons and manifest never replace the source, and --out never lies inside a source folder
+    (where it would become part of the source, e.g. a new class folder)."""
+    resolved = out.resolve()
+    if spec.path.is_dir() and resolved != spec.path and resolved.is_relative_to(spec.path):
+        raise UserError(f"--out {out} lies inside the source {spec.path}: choose an --out outside it")
+    outputs = [beton.beton_path(resolved, split) for split in SPLITS] + [beton.manifest_path(resolved)]
+    refuse_overwriting(
+        [spec.path], [(path, f"the output {path.name}") for path in outputs], "choose another --out"
+    )
 
 
 def _prepare_locked(
