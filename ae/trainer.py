@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ae import checkpoint
 from ae.beton import load_manifest, verify_beton
 from ae.config import TrainConfig
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, read_split
+from ae.data import DeviceResidentBatches, FFCVBatches, data_workers, eval_batches, read_split
 from ae.errors import UserError
 from ae.fast import CudaGraphStep
 from ae.files import atomic_write
@@ -100,7 +100,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
-        workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = data_workers(cfg.data_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         train_count = self.manifest["splits"]["train"]["count"]
         test_count = self.manifest["splits"]["test"]["count"]
         if cfg.data_on_device:

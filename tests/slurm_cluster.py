@@ -51,6 +51,22 @@ TERMINAL_STATES = {
 }
 
 
+# The test cluster's process tracking, and a real cluster's (Slurm's default KillWait is 30 s).
+LINUXPROC_SETTINGS = ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "KillWait=10")
+CGROUP_SETTINGS = (
+    "ProctrackType=proctrack/cgroup",
+    "TaskPlugin=task/cgroup,task/affinity",
+    "KillWait=30",
+)
+CGROUP_CONF = (
+    "CgroupPlugin=cgroup/v1",
+    "CgroupMountpoint=/sys/fs/cgroup",
+    "ConstrainCores=yes",
+    "ConstrainRAMSpace=no",
+    "ConstrainDevices=no",
+)
+
+
 def find_binary(name: str) -> str | None:
     path = shutil.which(name)
     if path:
@@ -143,8 +159,16 @@ class SlurmError(RuntimeError):
 class SlurmCluster:
     """Start/stop a two-node Slurm on loopback. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, nodes: int = 2, cpus: int = 2, real_memory_mb: int = 2000, base: str | None = None):
+    def __init__(
+        self,
+        nodes: int = 2,
+        cpus: int = 2,
+        real_memory_mb: int = 2000,
+        base: str | None = None,
+        cgroup: bool = False,
+    ):
         self.n_nodes = nodes
+        self.cgroup = cgroup
         self.cpus = cpus
         self.real_memory_mb = real_memory_mb
         # Short path: unix socket paths are limited to 108 bytes.
@@ -204,8 +228,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log",
             f"PlugStackConfig={plugstack}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            *(CGROUP_SETTINGS if self.cgroup else LINUXPROC_SETTINGS),
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres",
@@ -216,7 +239,6 @@ class SlurmCluster:
             "MinJobAge=300",
             "ReturnToService=2",
             "SchedulerParameters=sched_interval=2,bf_interval=1",
-            "KillWait=10",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
@@ -229,6 +251,8 @@ class SlurmCluster:
             f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP"
         )
         self.conf.write_text("\n".join(lines) + "\n")
+        if self.cgroup:
+            (self.conf.parent / "cgroup.conf").write_text("\n".join(CGROUP_CONF) + "\n")
 
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
