@@ -39,6 +39,20 @@ for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")
 source "$repo/slurm/common.sh"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "run me with sbatch (SLURM_JOB_ID is not set)"
 
+# ---------------------------------------------------------------- stop signals
+# Trapped first thing: a USR1 that comes before the trap would kill this script (a --time shorter
+# than the warning gets it at once).
+got_signal=""
+srun_pid=""
+on_signal() {
+    log "caught SIG$1: asking every training process to checkpoint and exit"
+    got_signal=${got_signal:-$1} # the first one decides: a USR1 stop overtaken by the time limit's TERM still requeues
+    # srun forwards USR1 to its tasks (slurm/node.sh on every node), which signal their trainers.
+    [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
 # Relative --data/--out paths are relative to the submit folder (where sbatch was run).
 cd "${SLURM_SUBMIT_DIR:-$REPO}" || die "cannot cd to ${SLURM_SUBMIT_DIR:-$REPO}"
 
@@ -178,25 +192,17 @@ START_STEP=$(checkpoint_step)
 END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
 [[ "$END_TIME" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] && END_TIME=$(date -d "$END_TIME" +%s) || END_TIME=""
 
-# ---------------------------------------------------------------- run, forwarding stop signals
-got_signal=""
-srun_pid=""
-on_signal() {
-    log "caught SIG$1: asking every training process to checkpoint and exit"
-    got_signal=${got_signal:-$1} # the first one decides: a USR1 stop overtaken by the time limit's TERM still requeues
-    # srun forwards USR1 to its tasks (slurm/node.sh on every node), which signal their trainers.
-    [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
-
-# Run in the background and `wait`: bash runs a trap only when its foreground child has exited.
-srun "${SRUN_ARGS[@]}" bash "$REPO/slurm/node.sh" "${LAUNCH[@]}" "$REPO/train.py" "${TRAIN_ARGS[@]}" &
-srun_pid=$!
+# ---------------------------------------------------------------- run
+# In the background, then `wait`: bash runs a trap only when its foreground child has exited. A stop
+# that came while this script was starting skips the run.
+if [[ -z "$got_signal" ]]; then
+    srun "${SRUN_ARGS[@]}" bash "$REPO/slurm/node.sh" "${LAUNCH[@]}" "$REPO/train.py" "${TRAIN_ARGS[@]}" &
+    srun_pid=$!
+fi
 # `wait` returns early (128+signal) when a trap ran: keep waiting while srun is alive (after a signal,
 # at most until STOP_MARGIN_S before the time limit), then collect its real exit status.
-rc=""
-while kill -0 "$srun_pid" 2>/dev/null; do
+rc=0
+while [[ -n "$srun_pid" ]] && kill -0 "$srun_pid" 2>/dev/null; do
     if [[ -n "$got_signal" && -n "$END_TIME" ]] && (($(date +%s) >= END_TIME - STOP_MARGIN_S)); then
         log "training has not exited ${STOP_MARGIN_S} s before the time limit: going on without it"
         rc=124
@@ -209,7 +215,7 @@ while kill -0 "$srun_pid" 2>/dev/null; do
         wait "$srun_pid"
     fi
 done
-if [[ -z "$rc" ]]; then
+if [[ -n "$srun_pid" ]] && ((rc != 124)); then
     wait "$srun_pid"
     rc=$?
     log "training exited with code $rc"

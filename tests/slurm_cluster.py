@@ -78,6 +78,18 @@ def find_binary(name: str) -> str | None:
     return None
 
 
+def cgroup_v1_problem() -> str | None:
+    """Why this machine cannot run the cgroup configuration (cgroup/v1 cpuset and freezer, as root),
+    or None when it can."""
+    if os.geteuid() != 0:
+        return "proctrack/cgroup needs root"
+    for controller in ("cpuset", "freezer"):
+        folder = Path("/sys/fs/cgroup") / controller
+        if not (folder / "cgroup.procs").is_file() or not os.access(folder, os.W_OK):
+            return f"no writable cgroup v1 '{controller}' hierarchy at {folder} (Slurm 22.05's cgroup/v1 needs one)"
+    return None
+
+
 def missing_binaries() -> list[str]:
     """Names of the Slurm/munge programs that are not installed (empty when all are there)."""
     return [b for b in REQUIRED_BINARIES if find_binary(b) is None]
@@ -171,6 +183,8 @@ class SlurmCluster:
         self.cgroup = cgroup
         self.cpus = cpus
         self.real_memory_mb = real_memory_mb
+        # cgroup: ProctrackType=proctrack/cgroup, TaskPlugin=task/cgroup,task/affinity, KillWait=30 and
+        # ConstrainCores, as real clusters run; `cpus` should then be the machine's real CPU count.
         # Short path: unix socket paths are limited to 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="slurm-", dir=base or "/tmp"))
         self.node_names = [f"n{i + 1}" for i in range(nodes)]
