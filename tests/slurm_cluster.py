@@ -250,7 +250,7 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
             "MpiDefault=none",
             "JobRequeue=1",
-            "MinJobAge=300",
+            "MinJobAge=3600",  # finished jobs stay visible to scontrol for the whole test session
             "ReturnToService=2",
             "SchedulerParameters=sched_interval=2,bf_interval=1",
             "SlurmctldDebug=info",

@@ -20,6 +20,7 @@ signal at the right moment, and the tests then only collect their results.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -168,14 +169,19 @@ def _steer_kill(jobs: Jobs, s: Submitted) -> None:
     s.facts.update(pid=pid, t_kill=time.monotonic())
 
 
-TIME_LIMIT_MIN = 4  # --time of the time-limit job
-TIME_LIMIT_LEAD_S = 120  # its --signal=B:USR1@ lead: the stop starts 120-150 s after the start
+TIME_LIMIT_LEAD_S = 120  # the time-limit job's --signal=B:USR1@ lead
 
 
 def _steer_time_limit_then_scancel(jobs: Jobs, s: Submitted) -> None:
-    """Let the time limit's USR1 stop and requeue the job; give the restart 15 minutes (an admin's
-    `scontrol update`), so that its own warning stays away; once it trains, `scancel` it."""
-    jobs.wait_for(s.job, "requeue", lambda: jobs.cluster.info(s.job).restarts >= 1, timeout=2 * JOB_TIMEOUT)
+    """Once the job trains, set its time limit (`scontrol update`, as an admin can) to 3 minutes
+    from now, rounded up: Slurm's own warning, TIME_LIMIT_LEAD_S before that limit, stops and
+    requeues it, however long the start-up took. Give the restart 15 minutes, so its own warning
+    stays away; once it trains, `scancel` it."""
+    jobs.wait_for(s.job, "a training step", lambda: train_steps(s.out))
+    limit_min = math.ceil((time.monotonic() - s.t0) / 60) + 3
+    jobs.cluster.cmd(["scontrol", "update", f"JobId={s.job}", f"TimeLimit={limit_min}"])
+    s.facts.update(limit_min=limit_min, limit_set_at=time.monotonic() - s.t0)
+    jobs.wait_for(s.job, "requeue", lambda: jobs.cluster.info(s.job).restarts >= 1)
     s.facts["requeued_at"] = time.monotonic() - s.t0
     jobs.cluster.cmd(["scontrol", "update", f"JobId={s.job}", "TimeLimit=15"])
     s.facts["first_stop"] = stop_steps(jobs.log(s.job))
@@ -226,7 +232,7 @@ def early(request, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
     # each gets one CPU per node.
     submit(
         "time_limit",
-        ["--nodes=2", f"--time={TIME_LIMIT_MIN}", f"--signal=B:USR1@{TIME_LIMIT_LEAD_S}"],
+        ["--nodes=2", "--time=15", f"--signal=B:USR1@{TIME_LIMIT_LEAD_S}"],
         "slurm/train.sh",
         lambda out: train_args(tiny_data, out, "--max-steps", "100000", "--log-every", "1"),
         users=("test_cgroup_checkpoint_lands_before_the_time_limit", "test_cgroup_scancel_cancels_for_good"),
@@ -396,12 +402,12 @@ def test_cgroup_preemption_requeues_and_resumes(cgroup_jobs, early):
 
 
 def test_cgroup_checkpoint_lands_before_the_time_limit(cgroup_jobs, early):
-    """--time=4 --signal=B:USR1@120: Slurm's own warning stops the run with a checkpoint well before
-    the limit, and the job is requeued (not TIMEOUT)."""
+    """A time limit 3 minutes ahead with --signal=B:USR1@120: Slurm's own warning stops the run with a
+    checkpoint before the limit, and the job is requeued (not TIMEOUT)."""
     jobs, s = cgroup_job(cgroup_jobs, early, "time_limit")
     facts = s.steered(timeout=3 * JOB_TIMEOUT)
     log = jobs.log(s.job)
-    print(f"time-limit job {s.job}: requeued at {facts['requeued_at']:.0f}s\n{log}")
+    print(f"time-limit job {s.job}: {facts}\n{log}")
     first = log.split("restart 1 on", 1)[0]
     assert "caught SIGUSR1" in first, log[-6000:]
     (step,) = facts["first_stop"]
@@ -409,8 +415,8 @@ def test_cgroup_checkpoint_lands_before_the_time_limit(cgroup_jobs, early):
     assert "has not exited" not in first, log[-6000:]  # it stopped by itself, well inside the budget
     checkpoint = s.out / "checkpoints" / f"step_{step:07d}"
     assert checkpoint.is_dir() and (checkpoint / "MANIFEST.json").is_file(), sorted(s.out.rglob("*"))
-    # Slurm starts the warning TIME_LIMIT_LEAD_S before the limit, checked every 30 s.
-    assert (TIME_LIMIT_MIN * 60 - TIME_LIMIT_LEAD_S) - 5 < facts["requeued_at"] < TIME_LIMIT_MIN * 60, facts
+    # Requeued after the new limit was set and before it ran out (the job started after s.t0).
+    assert facts["limit_set_at"] < facts["requeued_at"] < facts["limit_min"] * 60, facts
 
 
 def test_cgroup_scancel_cancels_for_good(cgroup_jobs, early):
@@ -425,7 +431,7 @@ def test_cgroup_scancel_cancels_for_good(cgroup_jobs, early):
     print(f"cancelled job {s.job}: {info}; scancel at {facts['scancel_at']:.0f}s\n{log}")
     assert (info.state, info.restarts) == ("CANCELLED", 1), (str(info), log[-6000:])
     after = log.split("restart 1 on", 1)[1]
-    assert "caught SIGTERM" in after and "requeueing" not in after, log[-6000:]
+    assert "caught SIGTERM" in after and "requeueing job" not in after, log[-6000:]
     assert "stopped by SIGTERM (scancel, the time limit or preemption): not requeueing" in after
     assert max(stop_steps(after)) > max(facts["first_stop"]), log[-6000:]
 
