@@ -47,7 +47,7 @@ trainers() {
         has_rank "$pid" && ! has_rank "$(ps -o ppid= -p "$pid")" && echo -n "$pid "
     done
 }
-has_rank() { tr '\0' '\n' <"/proc/${1// /}/environ" 2>/dev/null | grep -q '^RANK='; }
+has_rank() { tr '\0' '\n' 2>/dev/null <"/proc/${1// /}/environ" | grep -q '^RANK='; }
 
 stop_requested=""
 launcher=""
