@@ -12,6 +12,7 @@ slurm-client munge` (Slurm 22.05). See /work/shared/notes/slurm.md for the facts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -364,10 +365,21 @@ class SlurmCluster:
                 continue
             _terminate(pid, timeout=15)
         self._started.clear()
+        if self.cgroup:
+            self._remove_cgroups()
         if os.environ.get("KEEP_SLURM_TMP"):
             print(f"[slurm_cluster] kept {self.root}")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_cgroups(self) -> None:
+        """Remove the cgroups that our slurmd's leave behind (/sys/fs/cgroup/*/slurm_NODE), if empty."""
+        for name in self.node_names:
+            for top in Path("/sys/fs/cgroup").glob(f"*/slurm_{name}"):
+                for folder, _, _ in os.walk(top, topdown=False):
+                    # Kept while in use (a job of another cluster with the same node names).
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
 
     # ---------------------------------------------------------------- client helpers
     def cmd(
