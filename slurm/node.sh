@@ -40,14 +40,24 @@ descendants() {
 }
 
 # The training processes among them: RANK (set by torchrun) in their environment but not in their
-# parent's. Their own children (torch.compile's workers) must not get USR1: it would kill them.
+# parent's. Their own children (torch.compile's workers) must not get USR1: it would kill them. One
+# grep and no process per candidate, so that the nodes signal their trainers at nearly the same time.
 trainers() {
-    local pid
-    for pid in $(descendants "$1"); do
-        has_rank "$pid" && ! has_rank "$(ps -o ppid= -p "$pid")" && echo -n "$pid "
+    local -A ranked=()
+    local -a files
+    local pid stat
+    read -ra files <<<"$(descendants "$1")"
+    ((${#files[@]})) || return 0
+    files=("${files[@]/#//proc/}")
+    for pid in $(grep -lsz '^RANK=' "${files[@]/%//environ}" | cut -d/ -f3); do ranked[$pid]=1; done
+    for pid in "${!ranked[@]}"; do
+        read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
+        stat=${stat##*) } # "S PPID ...": the fields after the command name
+        stat=${stat#* }
+        [[ -z "${ranked[${stat%% *}]:-}" ]] && echo -n "$pid "
     done
+    return 0
 }
-has_rank() { tr '\0' '\n' 2>/dev/null <"/proc/${1// /}/environ" | grep -q '^RANK='; }
 
 stop_requested=""
 launcher=""
