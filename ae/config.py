@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--data-on-device", action="store_true", help="keep the training split on the device")
     p.add_argument(
-        "--data-workers", type=int, help="FFCV threads per process (default: CPUs / processes, ≤8)"
+        "--data-workers",
+        type=int,
+        help="FFCV threads per process (default: usable CPUs / processes, ≤8; at most the usable CPUs)",
     )
     p.add_argument(
         "--no-verify-data", dest="verify_data", action="store_false", help="skip the betons' sha256"

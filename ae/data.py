@@ -21,6 +21,7 @@ from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
 from ae.beton import BetonFile, beton_path
+from ae.errors import UserError
 
 EVAL_BATCH_SIZE = 1000
 # torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.
@@ -41,9 +42,22 @@ def _torch_threads_kept() -> Iterator[None]:
         torch.set_num_threads(_TORCH_THREADS)
 
 
-def default_workers(local_processes: int) -> int:
-    """FFCV decode threads per process: the CPUs shared among local processes, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_processes)))
+def data_workers(requested: int | None, local_processes: int) -> int:
+    """FFCV decode threads per process: `requested`, else the usable CPUs shared among local processes,
+    at most 8.
+
+    Usable CPUs are this process's affinity (a Slurm task or `taskset` may allow fewer than the
+    machine has); FFCV's numba threads cannot outnumber them, so a larger request is refused.
+    """
+    usable = len(os.sched_getaffinity(0))
+    if requested is None:
+        return max(1, min(8, usable // max(1, local_processes)))
+    if requested > usable:
+        raise UserError(
+            f"--data-workers {requested} is more than the {usable} CPU(s) this process may run on: "
+            f"pass at most {usable}, or leave it out"
+        )
+    return requested
 
 
 def _ffcv_loader(

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ae import checkpoint
 from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig, check_batch_size, free_memory
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, eval_shard, read_split
+from ae.data import DeviceResidentBatches, FFCVBatches, data_workers, eval_batches, eval_shard, read_split
 from ae.errors import UserError, warn
 from ae.fast import CudaGraphStep, choose_step_path
 from ae.files import atomic_write
@@ -133,7 +133,7 @@ class Trainer:
             torch.cuda.current_stream().wait_stream(self.graph_stream)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
-        workers = cfg.data_workers or default_workers(local_processes)
+        workers = data_workers(cfg.data_workers, local_processes)
         train_count = self.manifest["splits"]["train"]["count"]
         test_count = self.manifest["splits"]["test"]["count"]
         if cfg.data_on_device:

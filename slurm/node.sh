@@ -3,8 +3,9 @@
 #   bash slurm/node.sh accelerate launch [launch flags] train.py [train flags]
 # Adds `--machine_rank $SLURM_NODEID` (this node's index in the job), starts the launcher, and turns a
 # USR1/TERM sent to this wrapper into a USR1 for every training process under it (torchrun's agent,
-# which `accelerate launch` runs, does not forward USR1). The training processes then finish their
-# step, save a checkpoint and exit 0. Exits with the launcher's exit code.
+# which `accelerate launch` runs, does not forward USR1; under proctrack/cgroup Slurm signals only
+# this wrapper). The training processes then finish their step, save a checkpoint and exit 0. Exits
+# with the launcher's exit code.
 set -uo pipefail
 
 node_rank=${SLURM_NODEID:?slurm/node.sh runs inside srun}
@@ -17,6 +18,12 @@ tag="[slurm/node.sh node_rank=$node_rank host=$(hostname -s)]"
 }
 shift 2
 cmd=(accelerate launch --machine_rank "$node_rank" "$@")
+
+# slurm/train.sh planned CAE_PLANNED_GPUS processes on every node from the batch node's count.
+if [[ -n "${SLURM_GPUS_ON_NODE:-}" && -z "${CAE_GPUS_PER_NODE:-}" && "$SLURM_GPUS_ON_NODE" != "${CAE_PLANNED_GPUS:-$SLURM_GPUS_ON_NODE}" ]]; then
+    echo "$tag error: Slurm gave this node $SLURM_GPUS_ON_NODE GPUs, the first node $CAE_PLANNED_GPUS: request --gpus-per-node" >&2
+    exit 2
+fi
 
 # Every process below $1 (children, grandchildren, ...).
 descendants() {
@@ -32,15 +39,34 @@ descendants() {
         }'
 }
 
+# The training processes among them: RANK (set by torchrun) in their environment but not in their
+# parent's. Their own children (torch.compile's workers) must not get USR1: it would kill them. One
+# grep and no process per candidate, so that the nodes signal their trainers at nearly the same time.
+trainers() {
+    local -A ranked=()
+    local -a files
+    local pid stat
+    read -ra files <<<"$(descendants "$1")"
+    ((${#files[@]})) || return 0
+    files=("${files[@]/#//proc/}")
+    for pid in $(grep -lsz '^RANK=' "${files[@]/%//environ}" | cut -d/ -f3); do ranked[$pid]=1; done
+    for pid in "${!ranked[@]}"; do
+        read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
+        stat=${stat##*) } # "S PPID ...": the fields after the command name
+        stat=${stat#* }
+        [[ -z "${ranked[${stat%% *}]:-}" ]] && echo -n "$pid "
+    done
+    return 0
+}
+
 stop_requested=""
 launcher=""
 forward_stop() {
     stop_requested=$1
     [[ -n "$launcher" ]] || return 0
     local pids
-    pids=$(descendants "$launcher")
+    pids=$(trainers "$launcher")
     echo "$tag SIG$1: sending USR1 to the training processes (${pids:-none yet})"
-    # The launcher and torchrun's agent ignore USR1 (see below); the trainers act on it.
     # shellcheck disable=SC2086
     [[ -n "${pids// /}" ]] && kill -USR1 $pids 2>/dev/null
     return 0

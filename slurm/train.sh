@@ -3,14 +3,21 @@
 # node (or one CPU process per node when a node has no GPU). Submit from the repository root:
 #
 #   sbatch slurm/train.sh   # train.py's defaults: --data data/cifar10 (prepared if missing), --out runs/cifar10
-#   sbatch [--nodes=2] [--gpus-per-node=8] [--partition=P] [--time=T] slurm/train.sh --data data --out runs/r1 [train.py flags]
+#   sbatch [--nodes=2] [--gpus-per-node=8 --cpus-per-task=32] [--partition=P] [--time=T] slurm/train.sh --data data --out runs/r1 [train.py flags]
 #
-# Arguments after the script name go to train.py unchanged. Preemption / time limit: Slurm sends USR1
-# to this script 120 s before the limit (or `scancel --signal=USR1 --batch JOB`); the script tells
-# every training process to save a checkpoint and exit, then requeues the job, which resumes from
-# OUT/checkpoints with the same command. Environment knobs (all optional): REPO, VENV, GPUS_PER_NODE,
-# MASTER_ADDR, MASTER_PORT, ACCELERATE_CONFIG, WANDB_RUN_ID, WANDB_MODE, NCCL/Gloo
-# variables; DRY_RUN=1 prints the plan and the srun command instead of running it.
+# CPUs: give each node's task at least one CPU per process, better several (--cpus-per-task, or
+# --exclusive): without a CPU request Slurm gives the task ONE CPU per node, which is not enough for
+# 8 GPU processes (the script stops and says what to request) and slow for the FFCV loader.
+#
+# Arguments after the script name go to train.py unchanged. Stops (see the README's Slurm section):
+# - USR1 (Slurm sends it 300 s before the time limit, or `scancel --signal=USR1 --batch JOB`): every
+#   training process saves a checkpoint and exits; the job is requeued when that checkpoint is newer
+#   than the one it started from, and resumes from OUT/checkpoints with the same command.
+# - TERM (`scancel JOB`, the time limit itself, Slurm's preemption): the same clean stop, no requeue.
+# Environment knobs (all optional): REPO, VENV, CAE_GPUS_PER_NODE, CAE_MASTER_ADDR, CAE_MASTER_PORT,
+# CAE_ACCELERATE_CONFIG, CAE_WANDB_RUN_ID, WANDB_MODE, NCCL/Gloo variables; DRY_RUN=1 prints the plan
+# and the srun command instead of running it. MASTER_ADDR, MASTER_PORT and WANDB_RUN_ID exported by
+# the submitting shell are ignored (sbatch passes the whole environment on).
 #
 #SBATCH --job-name=cae-train
 #SBATCH --output=logs/%x-%j.out
@@ -18,7 +25,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@300
 #SBATCH --time=4:00:00
 
 set -uo pipefail
@@ -32,43 +39,45 @@ for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")
 source "$repo/slurm/common.sh"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "run me with sbatch (SLURM_JOB_ID is not set)"
 
+# ---------------------------------------------------------------- stop signals
+# Trapped first thing: a USR1 that comes before the trap would kill this script (a --time shorter
+# than the warning gets it at once).
+got_signal=""
+srun_pid=""
+on_signal() {
+    log "caught SIG$1: asking every training process to checkpoint and exit"
+    got_signal=${got_signal:-$1} # the first one decides: a USR1 stop overtaken by the time limit's TERM still requeues
+    # srun forwards USR1 to its tasks (slurm/node.sh on every node), which signal their trainers.
+    [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
 # Relative --data/--out paths are relative to the submit folder (where sbatch was run).
 cd "${SLURM_SUBMIT_DIR:-$REPO}" || die "cannot cd to ${SLURM_SUBMIT_DIR:-$REPO}"
+
+# The stop budget. USR1 comes 300 s before the time limit (#SBATCH --signal above; Slurm may send it
+# up to 60 s earlier); at the limit Slurm sends SIGTERM, and SIGKILL KillWait (30 s by default) later.
+# Between USR1 and the limit the trainers finish their step, agree to stop (every 10 steps), save a
+# checkpoint (seconds) and give W&B at most WANDB_FINISH_S to finish; this script waits for them
+# until STOP_MARGIN_S before the limit at the latest, then requeues.
+WANDB_FINISH_S=60
+STOP_MARGIN_S=30
 
 activate_python
 command -v accelerate >/dev/null || die "accelerate is not on PATH (VENV=$VENV); install the requirements or set VENV"
 
-# ---------------------------------------------------------------- nodes, GPUs, processes
+# ---------------------------------------------------------------- nodes, GPUs, processes, CPUs
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
-count_gpus() {
-    local n
-    if [[ -n "${GPUS_PER_NODE:-}" ]]; then
-        echo "$GPUS_PER_NODE"
-        return
-    fi
-    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
-        return
-    fi
-    if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-        # Set but empty (or NoDevFiles) means: no GPU for us.
-        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == NoDevFiles* || "$CUDA_VISIBLE_DEVICES" == "-1" ]]; then
-            echo 0
-        else
-            awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-        fi
-        return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ') || n=0
-        echo "${n:-0}"
-        return
-    fi
-    echo 0
-}
-GPUS_PER_NODE=$(count_gpus)
-[[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || die "cannot count GPUs per node (got '$GPUS_PER_NODE'); set GPUS_PER_NODE"
+# GPUs per node: what Slurm gave the job (SLURM_GPUS_ON_NODE, set for --gpus-per-node, --gres=gpu:N,
+# ...); none when Slurm gave none, even if the node has some (they may belong to other jobs).
+GPUS_PER_NODE=${CAE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+[[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || die "cannot count GPUs per node (got '$GPUS_PER_NODE'); set CAE_GPUS_PER_NODE"
+# --gpus=N spreads N GPUs over the nodes in any split, but every node runs GPUS_PER_NODE processes.
+if ((NNODES > 1 && GPUS_PER_NODE > 0)) && [[ -n "${SLURM_GPUS:-}" && -z "${SLURM_GPUS_PER_NODE:-}${CAE_GPUS_PER_NODE:-}" ]]; then
+    die "--gpus=$SLURM_GPUS may give the $NNODES nodes different GPU counts: request --gpus-per-node instead"
+fi
 if ((GPUS_PER_NODE > 0)); then
     PROCS_PER_NODE=$GPUS_PER_NODE
     DEVICE_ARGS=()
@@ -78,23 +87,35 @@ else
 fi
 NUM_PROCESSES=$((NNODES * PROCS_PER_NODE))
 
+CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-1}
+if ((CPUS_ON_NODE < PROCS_PER_NODE)); then
+    die "$PROCS_PER_NODE processes per node but Slurm gave this node $CPUS_ON_NODE CPU(s): request at least --cpus-per-task=$PROCS_PER_NODE (better $((PROCS_PER_NODE * 4))) or --exclusive"
+fi
+
 # ---------------------------------------------------------------- rendezvous address
-first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+mapfile -t job_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+first_node=${job_nodes[0]:-}
 [[ -n "$first_node" ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no node"
-if [[ -z "${MASTER_ADDR:-}" ]]; then
-    if getent hosts "$first_node" >/dev/null 2>&1; then
-        MASTER_ADDR=$first_node
-    else
-        # The node name does not resolve (e.g. NodeName differs from the host name): use NodeAddr.
-        MASTER_ADDR=$(scontrol show node "$first_node" | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)
-        [[ -n "$MASTER_ADDR" ]] || die "cannot resolve the first node '$first_node'; set MASTER_ADDR"
-    fi
+node_addr() { scontrol show node "$1" | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2; }
+for var in MASTER_ADDR MASTER_PORT WANDB_RUN_ID; do
+    [[ -n "${!var:-}" ]] && log "warning: ignoring $var=${!var} from the submitting shell; set CAE_$var to choose it"
+done
+if [[ -n "${CAE_MASTER_ADDR:-}" ]]; then
+    MASTER_ADDR=$CAE_MASTER_ADDR
+    known=" ${job_nodes[*]} $(for n in "${job_nodes[@]}"; do node_addr "$n"; done | tr '\n' ' ') "
+    [[ "$known" == *" $MASTER_ADDR "* ]] || log "warning: CAE_MASTER_ADDR=$MASTER_ADDR is not one of this job's nodes or their addresses ($(xargs <<<"$known")); the nodes may never meet"
+elif getent hosts "$first_node" >/dev/null 2>&1; then
+    MASTER_ADDR=$first_node
+else
+    # The node name does not resolve (e.g. NodeName differs from the host name): use NodeAddr.
+    MASTER_ADDR=$(node_addr "$first_node")
+    [[ -n "$MASTER_ADDR" ]] || die "cannot resolve the first node '$first_node'; set CAE_MASTER_ADDR"
 fi
 # Port from the job id (and the restart count, so a requeued run never meets its predecessor's socket).
-MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 101 * ${SLURM_RESTART_COUNT:-0}) % 12000))}
+MASTER_PORT=${CAE_MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 101 * ${SLURM_RESTART_COUNT:-0}) % 12000))}
 export MASTER_ADDR MASTER_PORT
 
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$REPO/accelerate_config.yaml}
+ACCELERATE_CONFIG=${CAE_ACCELERATE_CONFIG:-$REPO/accelerate_config.yaml}
 CONFIG_ARGS=()
 if [[ -f "$ACCELERATE_CONFIG" ]]; then
     CONFIG_ARGS=(--config_file "$ACCELERATE_CONFIG")
@@ -104,7 +125,9 @@ fi
 
 # ---------------------------------------------------------------- environment for the workers
 # W&B: one run per Slurm job, resumed across requeues (the trainer uses WANDB_RUN_ID with resume="allow").
-export WANDB_RUN_ID=${WANDB_RUN_ID:-cae-${SLURM_JOB_ID}}
+export WANDB_RUN_ID=${CAE_WANDB_RUN_ID:-cae-${SLURM_JOB_ID}}
+# The stop budget (see the README): W&B gets at most this long to finish when the trainers exit.
+export WANDB_FINISH_TIMEOUT=$WANDB_FINISH_S
 # Fail instead of hanging when a peer dies: async NCCL error handling (a stuck collective fails after
 # train.py's --dist-timeout, 300 s by default), the watchdog's heartbeat, and srun --kill-on-bad-exit.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
@@ -112,11 +135,10 @@ export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-300}
 # CPU threads per process: the CPUs Slurm gave this node, shared by its processes.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    cpus=${SLURM_CPUS_ON_NODE:-1}
-    OMP_NUM_THREADS=$((cpus / PROCS_PER_NODE))
-    ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
-    export OMP_NUM_THREADS
+    export OMP_NUM_THREADS=$((CPUS_ON_NODE / PROCS_PER_NODE))
 fi
+# slurm/node.sh checks that its node has the GPUs planned here.
+export CAE_PLANNED_GPUS=$GPUS_PER_NODE
 export PYTHONUNBUFFERED=1
 
 # What each node's wrapper runs; slurm/node.sh adds --machine_rank $SLURM_NODEID on each node.
@@ -127,54 +149,100 @@ LAUNCH=(accelerate launch
     --main_process_port "$MASTER_PORT"
     "${CONFIG_ARGS[@]}"
     "${DEVICE_ARGS[@]}")
+TRAIN_ARGS=("$@")
 
 log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}"
-log "nodes=$NNODES gpus_per_node=$GPUS_PER_NODE processes=$NUM_PROCESSES ($PROCS_PER_NODE per node, ${DEVICE_ARGS[*]:-gpu})"
+log "nodes=$NNODES gpus_per_node=$GPUS_PER_NODE processes=$NUM_PROCESSES ($PROCS_PER_NODE per node, ${DEVICE_ARGS[*]:-gpu}) cpus_per_node=$CPUS_ON_NODE"
 log "master=$MASTER_ADDR:$MASTER_PORT repo=$REPO python=$(command -v python) omp_threads=$OMP_NUM_THREADS"
-log "wandb run id=$WANDB_RUN_ID mode=${WANDB_MODE:-from flags}; train.py args: $*"
-
-# ---------------------------------------------------------------- run, forwarding preemption signals
-got_signal=""
-srun_pid=""
-on_signal() {
-    log "caught SIG$1: asking every training process to checkpoint and exit"
-    got_signal=$1
-    # srun forwards USR1 to its tasks (slurm/node.sh on every node), which signal their workers.
-    [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
+log "wandb run id=$WANDB_RUN_ID mode=${WANDB_MODE:-from flags}; train.py args: ${TRAIN_ARGS[*]}"
 
 SRUN_ARGS=(--kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1)
-# Slurm 22.05's srun does not inherit --cpus-per-task from the batch job.
-[[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+# Slurm 22.05's srun does not inherit --cpus-per-task from the batch job. Without one (--exclusive,
+# --cpus-per-gpu) the task would be bound to one core under TaskPluginParam=autobind=cores.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+else
+    SRUN_ARGS+=(--cpu-bind=none)
+fi
 
 if [[ -n "${DRY_RUN:-}" ]]; then
-    log "dry run: srun ${SRUN_ARGS[*]} bash $REPO/slurm/node.sh ${LAUNCH[*]} $REPO/train.py $*"
+    log "dry run: srun ${SRUN_ARGS[*]} bash $REPO/slurm/node.sh ${LAUNCH[*]} $REPO/train.py ${TRAIN_ARGS[*]}"
     exit 0
 fi
 
-# Run in the background and `wait`: bash runs a trap only when its foreground child has exited.
-srun "${SRUN_ARGS[@]}" bash "$REPO/slurm/node.sh" "${LAUNCH[@]}" "$REPO/train.py" "$@" &
-srun_pid=$!
-# `wait` returns early (128+signal) when a trap ran: keep waiting while srun is alive, then collect
-# its real exit status (bash remembers it).
-while kill -0 "$srun_pid" 2>/dev/null; do
-    wait "$srun_pid"
-done
-wait "$srun_pid"
-rc=$?
-log "training exited with code $rc"
+# ---------------------------------------------------------------- stop budget
+# The newest checkpoint's step in train.py's --out (0 when there is none): a USR1 stop requeues the
+# job only when it has moved since this start, so a --time shorter than the warning cannot requeue
+# forever.
+checkpoint_step() {
+    local out=runs/cifar10 i newest # train.py's default --out
+    for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
+        case "${TRAIN_ARGS[i]}" in
+            --out) out=${TRAIN_ARGS[i + 1]:-} ;;
+            --out=*) out=${TRAIN_ARGS[i]#--out=} ;;
+        esac
+    done
+    newest=$(find "$out/checkpoints" -maxdepth 1 -name 'step_*' -printf "%f\n" 2>/dev/null | sort -V | tail -n1)
+    newest=${newest#step_}
+    echo $((10#${newest:-0}))
+}
+START_STEP=$(checkpoint_step)
+# When the job ends (seconds since the epoch; empty without a time limit): after a signal, stop
+# waiting for the trainers STOP_MARGIN_S before it, so the requeue happens before Slurm's SIGTERM.
+END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+[[ "$END_TIME" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] && END_TIME=$(date -d "$END_TIME" +%s) || END_TIME=""
 
-if [[ -n "$got_signal" ]]; then
-    if ((rc == 0)); then
-        log "checkpoint saved after SIG$got_signal; requeueing job $SLURM_JOB_ID"
-        if scontrol requeue "$SLURM_JOB_ID"; then
-            exit 0
-        fi
-        log "error: scontrol requeue failed; resubmit the same command to resume"
-        exit 1
-    fi
-    log "training failed after SIG$got_signal (code $rc): not requeueing"
+# ---------------------------------------------------------------- run
+# In the background, then `wait`: bash runs a trap only when its foreground child has exited. A stop
+# that came while this script was starting skips the run.
+if [[ -z "$got_signal" ]]; then
+    srun "${SRUN_ARGS[@]}" bash "$REPO/slurm/node.sh" "${LAUNCH[@]}" "$REPO/train.py" "${TRAIN_ARGS[@]}" &
+    srun_pid=$!
 fi
-exit "$rc"
+# `wait` returns early (128+signal) when a trap ran: keep waiting while srun is alive (after a signal,
+# at most until STOP_MARGIN_S before the time limit), then collect its real exit status.
+rc=0
+while [[ -n "$srun_pid" ]] && kill -0 "$srun_pid" 2>/dev/null; do
+    if [[ -n "$got_signal" && -n "$END_TIME" ]] && (($(date +%s) >= END_TIME - STOP_MARGIN_S)); then
+        log "training has not exited ${STOP_MARGIN_S} s before the time limit: going on without it"
+        rc=124
+        break
+    fi
+    if [[ -n "$got_signal" ]]; then
+        sleep 1 &
+        wait $! 2>/dev/null
+    else
+        wait "$srun_pid"
+    fi
+done
+if [[ -n "$srun_pid" ]] && ((rc != 124)); then
+    wait "$srun_pid"
+    rc=$?
+    log "training exited with code $rc"
+fi
+
+case "$got_signal" in
+    "") exit "$rc" ;;
+    TERM)
+        log "stopped by SIGTERM (scancel, the time limit or preemption): not requeueing; resubmit the same command to resume"
+        exit "$rc"
+        ;;
+esac
+if ((rc != 0 && rc != 124)); then
+    log "training failed after SIGUSR1 (code $rc): not requeueing"
+    exit "$rc"
+fi
+step=$(checkpoint_step)
+if ((step <= START_STEP)); then
+    log "error: no new checkpoint since this start (step $START_STEP): not requeueing; give the job a --time well above the USR1 warning (300 s)"
+    exit 1
+fi
+log "checkpoint at step $step saved after SIGUSR1 (this start began at step $START_STEP); requeueing job $SLURM_JOB_ID"
+scontrol requeue "$SLURM_JOB_ID" && exit 0
+restarts=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+if ((${restarts:-0} > ${SLURM_RESTART_COUNT:-0})); then
+    log "Slurm has requeued job $SLURM_JOB_ID already"
+    exit 0
+fi
+log "error: scontrol requeue failed; resubmit the same command to resume"
+exit 1

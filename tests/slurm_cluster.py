@@ -12,6 +12,7 @@ slurm-client munge` (Slurm 22.05). See /work/shared/notes/slurm.md for the facts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -51,6 +52,22 @@ TERMINAL_STATES = {
 }
 
 
+# The test cluster's process tracking, and a real cluster's (Slurm's default KillWait is 30 s).
+LINUXPROC_SETTINGS = ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "KillWait=10")
+CGROUP_SETTINGS = (
+    "ProctrackType=proctrack/cgroup",
+    "TaskPlugin=task/cgroup,task/affinity",
+    "KillWait=30",
+)
+CGROUP_CONF = (
+    "CgroupPlugin=cgroup/v1",
+    "CgroupMountpoint=/sys/fs/cgroup",
+    "ConstrainCores=yes",
+    "ConstrainRAMSpace=no",
+    "ConstrainDevices=no",
+)
+
+
 def find_binary(name: str) -> str | None:
     path = shutil.which(name)
     if path:
@@ -59,6 +76,18 @@ def find_binary(name: str) -> str | None:
         cand = Path(d) / name
         if cand.is_file() and os.access(cand, os.X_OK):
             return str(cand)
+    return None
+
+
+def cgroup_v1_problem() -> str | None:
+    """Why this machine cannot run the cgroup configuration (cgroup/v1 cpuset and freezer, as root),
+    or None when it can."""
+    if os.geteuid() != 0:
+        return "proctrack/cgroup needs root"
+    for controller in ("cpuset", "freezer"):
+        folder = Path("/sys/fs/cgroup") / controller
+        if not (folder / "cgroup.procs").is_file() or not os.access(folder, os.W_OK):
+            return f"no writable cgroup v1 '{controller}' hierarchy at {folder} (Slurm 22.05's cgroup/v1 needs one)"
     return None
 
 
@@ -143,10 +172,20 @@ class SlurmError(RuntimeError):
 class SlurmCluster:
     """Start/stop a two-node Slurm on loopback. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, nodes: int = 2, cpus: int = 2, real_memory_mb: int = 2000, base: str | None = None):
+    def __init__(
+        self,
+        nodes: int = 2,
+        cpus: int = 2,
+        real_memory_mb: int = 2000,
+        base: str | None = None,
+        cgroup: bool = False,
+    ):
         self.n_nodes = nodes
+        self.cgroup = cgroup
         self.cpus = cpus
         self.real_memory_mb = real_memory_mb
+        # cgroup: ProctrackType=proctrack/cgroup, TaskPlugin=task/cgroup,task/affinity, KillWait=30 and
+        # ConstrainCores, as real clusters run; `cpus` should then be the machine's real CPU count.
         # Short path: unix socket paths are limited to 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="slurm-", dir=base or "/tmp"))
         self.node_names = [f"n{i + 1}" for i in range(nodes)]
@@ -204,8 +243,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log",
             f"PlugStackConfig={plugstack}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            *(CGROUP_SETTINGS if self.cgroup else LINUXPROC_SETTINGS),
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres",
@@ -213,10 +251,9 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
             "MpiDefault=none",
             "JobRequeue=1",
-            "MinJobAge=300",
+            "MinJobAge=3600",  # finished jobs stay visible to scontrol for the whole test session
             "ReturnToService=2",
             "SchedulerParameters=sched_interval=2,bf_interval=1",
-            "KillWait=10",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
@@ -229,6 +266,8 @@ class SlurmCluster:
             f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP"
         )
         self.conf.write_text("\n".join(lines) + "\n")
+        if self.cgroup:
+            (self.conf.parent / "cgroup.conf").write_text("\n".join(CGROUP_CONF) + "\n")
 
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
@@ -326,10 +365,21 @@ class SlurmCluster:
                 continue
             _terminate(pid, timeout=15)
         self._started.clear()
+        if self.cgroup:
+            self._remove_cgroups()
         if os.environ.get("KEEP_SLURM_TMP"):
             print(f"[slurm_cluster] kept {self.root}")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _remove_cgroups(self) -> None:
+        """Remove the cgroups that our slurmd's leave behind (/sys/fs/cgroup/*/slurm_NODE), if empty."""
+        for name in self.node_names:
+            for top in Path("/sys/fs/cgroup").glob(f"*/slurm_{name}"):
+                for folder, _, _ in os.walk(top, topdown=False):
+                    # Kept while in use (a job of another cluster with the same node names).
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
 
     # ---------------------------------------------------------------- client helpers
     def cmd(

@@ -1,17 +1,26 @@
-"""slurm/train.sh and slurm/prep.sh on a real two-node Slurm (munged + slurmctld + 2 slurmd on loopback).
+"""slurm/train.sh and slurm/prep.sh on a real multi-node Slurm (munged + slurmctld + slurmd's on loopback).
+
+Two clusters, two configurations:
+- `cluster`: 2 nodes of 4 CPUs, proctrack/linuxproc, task/none, KillWait=10 (every process of a job
+  gets Slurm's signals);
+- `cgroup_cluster`: 4 nodes of the machine's CPUs, proctrack/cgroup, task/cgroup,task/affinity,
+  KillWait=30, ConstrainCores, as real clusters run (signals other than SIGKILL reach only the direct
+  children of slurmstepd; a job without --cpus-per-task gets one CPU per node). Skipped, with the
+  reason, where the machine has no writable cgroup v1 or Slurm cannot start with it.
 
 No mocks: the jobs run the real train.py on the CPU (one process per "node"), with tiny synthetic
 data. Every wait is bounded. Skipped only when the Slurm/munge programs are not installed
 (`scripts/setup.sh --test` installs them).
 
-Most of a job's time here is Python start-up (torch, FFCV, W&B), so the jobs that need no steering
-are submitted together when the module starts and run side by side (each node has 4 CPUs, a job
-takes one per node); the tests then only collect their results.
+Most of a job's time here is Python start-up (torch, FFCV, W&B), so the jobs of both clusters are
+submitted together when the module starts and run side by side; threads steer the ones that need a
+signal at the right moment, and the tests then only collect their results.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,37 +33,58 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, clean_env
-from tests.slurm_cluster import JobInfo, SlurmCluster, missing_binaries
+from tests.helpers import PYTHON, REPO, clean_env
+from tests.slurm_cluster import JobInfo, SlurmCluster, SlurmError, cgroup_v1_problem, missing_binaries
 
 pytestmark = pytest.mark.slurm
 
 BATCH = "16"  # per process; 2 processes → 32 images a step, 8 steps an epoch of tiny_data
 JOB_TIMEOUT = 300  # seconds for one job or one phase of a job (CPU start-up of torch+FFCV is 20-60 s)
-LIVE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED")
+LIVE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "SIGNALING")
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def skip_without_slurm() -> None:
     missing = missing_binaries()
     if missing:
         pytest.skip(
             f"Slurm is not installed (missing {', '.join(missing)}): "
             "apt-get install slurmctld slurmd slurm-client munge, or run scripts/setup.sh --test"
         )
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    skip_without_slurm()
     with SlurmCluster(nodes=2, cpus=4) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def cgroup_cluster():
+    """The cgroup cluster, or the reason it cannot run here (a string: its tests skip with it)."""
+    skip_without_slurm()
+    problem = cgroup_v1_problem()
+    if problem:
+        yield f"cgroup configuration not possible here: {problem}"
+        return
+    try:
+        c = SlurmCluster(nodes=4, cpus=len(os.sched_getaffinity(0)), cgroup=True).__enter__()
+    except SlurmError as err:
+        yield f"Slurm did not start with proctrack/cgroup here: {str(err).splitlines()[0]}"
+        return
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 class Jobs:
     """Submit slurm/ scripts from the repository root, with job logs in a temp folder."""
 
-    def __init__(self, cluster: SlurmCluster, tmp: Path):
+    def __init__(self, cluster: SlurmCluster, tmp: Path, **env: str):
         self.cluster = cluster
         self.tmp = tmp
-        self.env = clean_env(
-            SLURM_CONF=cluster.env["SLURM_CONF"], PATH=cluster.env["PATH"], OMP_NUM_THREADS="1"
-        )
+        self.env = clean_env(SLURM_CONF=cluster.env["SLURM_CONF"], PATH=cluster.env["PATH"], **env)
 
     def submit(self, sbatch_args: list[str], script: str, args: list[str], env: dict | None = None) -> str:
         return self.cluster.sbatch(
@@ -110,7 +140,16 @@ class Submitted:
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory) -> Jobs:
-    return Jobs(cluster, tmp_path_factory.mktemp("slurm-logs"))
+    # Jobs here share 2 CPUs, 4 per "node": one torch thread each.
+    return Jobs(cluster, tmp_path_factory.mktemp("slurm-logs"), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def cgroup_jobs(cgroup_cluster, tmp_path_factory) -> Jobs | str:
+    """Jobs on the cgroup cluster, with nothing set for them (slurm/train.sh sizes threads itself)."""
+    if isinstance(cgroup_cluster, str):
+        return cgroup_cluster
+    return Jobs(cgroup_cluster, tmp_path_factory.mktemp("slurm-cgroup-logs"))
 
 
 PREEMPT_STEPS = 40
@@ -157,17 +196,43 @@ def _steer_kill(jobs: Jobs, s: Submitted) -> None:
     s.facts.update(pid=pid, t_kill=time.monotonic())
 
 
+TIME_LIMIT_LEAD_S = 120  # the time-limit job's --signal=B:USR1@ lead
+
+
+def _steer_time_limit_then_scancel(jobs: Jobs, s: Submitted) -> None:
+    """Once the job trains, set its time limit (`scontrol update`, as an admin can) to 1-2 minutes
+    past the warning's lead: Slurm's own warning, TIME_LIMIT_LEAD_S before that limit, then comes
+    within 30 s and stops and requeues it, however long the start-up took. Give the restart 15
+    minutes, so its own warning stays away; once it trains, `scancel` it."""
+    jobs.wait_for(s.job, "a training step", lambda: train_steps(s.out))
+    limit_min = math.ceil((time.monotonic() - s.t0) / 60) + 2
+    jobs.cluster.cmd(["scontrol", "update", f"JobId={s.job}", f"TimeLimit={limit_min}"])
+    s.facts.update(limit_min=limit_min, limit_set_at=time.monotonic() - s.t0)
+    jobs.wait_for(s.job, "requeue", lambda: jobs.cluster.info(s.job).restarts >= 1)
+    s.facts["requeued_at"] = time.monotonic() - s.t0
+    jobs.cluster.cmd(["scontrol", "update", f"JobId={s.job}", "TimeLimit=15"])
+    s.facts["first_stop"] = stop_steps(jobs.log(s.job))
+    first = max(s.facts["first_stop"], default=0)
+    jobs.wait_for(s.job, "a step after the restart", lambda: max(train_steps(s.out), default=0) > first)
+    jobs.cluster.scancel(s.job)
+    s.facts["scancel_at"] = time.monotonic() - s.t0
+
+
 @pytest.fixture(scope="module")
-def early(request, jobs, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
-    """Submit the jobs of all selected tests at once; threads steer the ones that need a signal or a
-    kill at the right moment. The tests collect the results."""
+def early(request, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
+    """Submit the jobs of all selected tests, on both clusters, at once; threads steer the ones that
+    need a signal or a kill at the right moment. The tests collect the results."""
     selected = {item.name for item in request.session.items if item.module is request.module}
     tmp = tmp_path_factory.mktemp("slurm-early")
     submitted: dict[str, Submitted] = {}
 
-    def submit(name: str, sbatch_args: list[str], script: str, args, env=None, steer=None) -> None:
-        if name not in selected:
+    def submit(name, sbatch_args, script, args, users=(), cgroup=False, env=None, steer=None) -> None:
+        """Submit job `name` when it or one of the tests in `users` is selected."""
+        if not selected & {name, *users}:
             return
+        jobs = request.getfixturevalue("cgroup_jobs" if cgroup else "jobs")
+        if isinstance(jobs, str):
+            return  # the cgroup cluster cannot run here; its tests skip with the reason
         out = tmp / name
         job = jobs.submit(sbatch_args, script, args(out) if callable(args) else args, env)
         s = submitted[name] = Submitted(job, out, time.monotonic())
@@ -182,21 +247,45 @@ def early(request, jobs, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
             s.steering = threading.Thread(target=run, name=f"steer-{name}", daemon=True)
             s.steering.start()
 
+    def preemption_args(out: Path) -> list[str]:
+        return train_args(
+            tiny_data,
+            out,
+            *("--max-steps", str(PREEMPT_STEPS), "--log-every", "1", "--checkpoint-every", "5"),
+            wandb="offline",
+        )
+
+    # The cgroup cluster's jobs first: the time-limit job is the longest of all. No --cpus-per-task:
+    # each gets one CPU per node.
+    submit(
+        "time_limit",
+        ["--nodes=2", "--time=15", f"--signal=B:USR1@{TIME_LIMIT_LEAD_S}"],
+        "slurm/train.sh",
+        lambda out: train_args(tiny_data, out, "--max-steps", "100000", "--log-every", "1"),
+        users=("test_cgroup_checkpoint_lands_before_the_time_limit", "test_cgroup_scancel_cancels_for_good"),
+        cgroup=True,
+        steer=_steer_time_limit_then_scancel,
+    )
+    submit(
+        "test_cgroup_time_shorter_than_the_warning_does_not_requeue",
+        ["--nodes=2", "--time=1"],
+        "slurm/train.sh",
+        lambda out: train_args(tiny_data, out, "--max-steps", "100000", "--log-every", "1"),
+        cgroup=True,
+    )
+    submit(
+        "test_cgroup_preemption_requeues_and_resumes",
+        ["--nodes=2"],
+        "slurm/train.sh",
+        preemption_args,
+        cgroup=True,
+        steer=_steer_preemption,
+    )
     submit(
         "test_preemption_requeues_and_resumes",
         ["--nodes=2"],
         "slurm/train.sh",
-        lambda out: train_args(
-            tiny_data,
-            out,
-            "--max-steps",
-            str(PREEMPT_STEPS),
-            "--log-every",
-            "1",
-            "--checkpoint-every",
-            "5",
-            wandb="offline",
-        ),
+        preemption_args,
         steer=_steer_preemption,
     )
     submit(
@@ -244,12 +333,24 @@ def early(request, jobs, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
             s.steering.join(5)
 
 
+def cgroup_job(cgroup_jobs: Jobs | str, early: dict[str, Submitted], name: str) -> tuple[Jobs, Submitted]:
+    """The cgroup cluster's job `name`; skips with the reason where that cluster cannot run."""
+    if isinstance(cgroup_jobs, str):
+        pytest.skip(cgroup_jobs)
+    return cgroup_jobs, early[name]
+
+
 def rank_lines(log: str) -> list[tuple[int, int, int]]:
     """(rank, world, node_rank) of each `[cae-train] rank R/W node_rank=G` line."""
     return [
         (int(r), int(w), int(g))
         for r, w, g in re.findall(r"\[cae-train\] rank (\d+)/(\d+) node_rank=(\d+)", log)
     ]
+
+
+def stop_steps(log: str) -> list[int]:
+    """The steps of the trainers' `stopped by SIG... at step N` lines, in order."""
+    return [int(n) for n in re.findall(r"stopped by \S+ at step (\d+)", log)]
 
 
 def train_steps(out: Path, key: str = "train/loss") -> list[int]:
@@ -297,8 +398,9 @@ def test_killed_worker_fails_the_job(jobs, early):
     assert "requeueing" not in log
 
 
-def test_preemption_requeues_and_resumes(jobs, early):
-    s = early["test_preemption_requeues_and_resumes"]
+def check_preemption(jobs: Jobs, s: Submitted) -> str:
+    """A USR1 to the batch script after the first checkpoint: requeued once, resumed, every step logged
+    once, one W&B run. Returns the job's log."""
     job, out = s.job, s.out
     facts = s.steered()
     info = jobs.wait(job, timeout=2 * JOB_TIMEOUT)
@@ -310,9 +412,10 @@ def test_preemption_requeues_and_resumes(jobs, early):
     assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), log[-6000:]
     assert "caught SIGUSR1" in log and f"requeueing job {job}" in log, log[-6000:]
     assert re.search(r"job \d+ \(cae-train\) restart 1 on", log), log[-6000:]
-    stopped = re.search(r"stopped by \S+ at step (\d+)", log)
-    assert stopped and 5 <= int(stopped.group(1)) < PREEMPT_STEPS, log[-6000:]
-    assert f"resuming from {out}/checkpoints/step_{int(stopped.group(1)):07d}" in log, log[-6000:]
+    stopped = stop_steps(log)
+    assert stopped and 5 <= stopped[0] < PREEMPT_STEPS, log[-6000:]
+    assert f"checkpoint at step {stopped[0]} saved after SIGUSR1 (this start began at step 0)" in log
+    assert f"resuming from {out}/checkpoints/step_{stopped[0]:07d}" in log, log[-6000:]
 
     # Nothing lost, nothing repeated: every step logged once, in order, up to the last.
     assert train_steps(out) == list(range(1, PREEMPT_STEPS + 1))
@@ -321,6 +424,75 @@ def test_preemption_requeues_and_resumes(jobs, early):
     run_dirs = sorted((out / "wandb").glob("offline-run-*"))
     ids = {re.sub(r"^offline-run-\d{8}_\d{6}-", "", d.name) for d in run_dirs}
     assert run_dirs and ids == {f"cae-{job}"}, run_dirs
+    return log
+
+
+def test_preemption_requeues_and_resumes(jobs, early):
+    check_preemption(jobs, early["test_preemption_requeues_and_resumes"])
+
+
+def test_cgroup_preemption_requeues_and_resumes(cgroup_jobs, early):
+    """Under proctrack/cgroup, with one CPU per node (no --cpus-per-task): trains, preempts, resumes."""
+    log = check_preemption(*cgroup_job(cgroup_jobs, early, "test_cgroup_preemption_requeues_and_resumes"))
+    assert "processes=2 (1 per node, --cpu --mixed_precision no) cpus_per_node=1" in log
+    assert "srun: error" not in log and "Traceback" not in log, log[-6000:]
+
+
+def test_cgroup_checkpoint_lands_before_the_time_limit(cgroup_jobs, early):
+    """A time limit 2-3 minutes ahead with --signal=B:USR1@120: Slurm's own warning stops the run with
+    a checkpoint before the limit, and the job is requeued (not TIMEOUT)."""
+    jobs, s = cgroup_job(cgroup_jobs, early, "time_limit")
+    facts = s.steered(timeout=3 * JOB_TIMEOUT)
+    log = jobs.log(s.job)
+    print(f"time-limit job {s.job}: {facts}\n{log}")
+    first = log.split("restart 1 on", 1)[0]
+    assert "caught SIGUSR1" in first, log[-6000:]
+    (step,) = facts["first_stop"]
+    assert f"checkpoint at step {step} saved after SIGUSR1 (this start began at step 0); requeueing" in first
+    assert "has not exited" not in first, log[-6000:]  # it stopped by itself, well inside the budget
+    checkpoint = s.out / "checkpoints" / f"step_{step:07d}"
+    assert checkpoint.is_dir() and (checkpoint / "MANIFEST.json").is_file(), sorted(s.out.rglob("*"))
+    # Requeued after the new limit was set and before it ran out (the job started after s.t0).
+    assert facts["limit_set_at"] < facts["requeued_at"] < facts["limit_min"] * 60, facts
+
+
+def test_cgroup_scancel_cancels_for_good(cgroup_jobs, early):
+    """`scancel JOB` (SIGTERM to the batch script and to slurm/node.sh only): the trainers still save a
+    checkpoint, and the job ends CANCELLED without a restart."""
+    jobs, s = cgroup_job(cgroup_jobs, early, "time_limit")
+    facts = s.steered(timeout=3 * JOB_TIMEOUT)
+    jobs.wait(s.job, timeout=120)
+    # The batch script's last line comes within KillWait (30 s); a requeue would show by then.
+    deadline = time.monotonic() + 45
+    while "not requeueing" not in jobs.log(s.job) and time.monotonic() < deadline:
+        time.sleep(1)
+    info = jobs.cluster.info(s.job)
+    log = jobs.log(s.job)
+    print(f"cancelled job {s.job}: {info}; scancel at {facts['scancel_at']:.0f}s\n{log}")
+    assert (info.state, info.restarts) == ("CANCELLED", 1), (str(info), log[-6000:])
+    after = log.split("restart 1 on", 1)[1]
+    assert "caught SIGTERM" in after and "requeueing job" not in after, log[-6000:]
+    # The trainers' checkpoint on the way out (the script's own last line, `stopped by SIGTERM ...:
+    # not requeueing`, comes only if every process has exited before KillWait's SIGKILL).
+    second = max(stop_steps(after), default=0)
+    assert second > max(facts["first_stop"]), log[-6000:]
+    assert (s.out / "checkpoints" / f"step_{second:07d}" / "MANIFEST.json").is_file(), log[-6000:]
+
+
+def test_cgroup_time_shorter_than_the_warning_does_not_requeue(cgroup_jobs, early):
+    """--time=1 with the script's 300 s warning: USR1 comes before any step; no new checkpoint, so the
+    job fails with one line instead of requeueing forever."""
+    name = "test_cgroup_time_shorter_than_the_warning_does_not_requeue"
+    jobs, s = cgroup_job(cgroup_jobs, early, name)
+    info = jobs.wait(s.job, timeout=JOB_TIMEOUT)
+    time.sleep(15)  # a requeue would show by now
+    info = jobs.cluster.info(s.job)
+    log = jobs.log(s.job)
+    print(f"short job {s.job}: {info}\n{log}")
+    assert info.state in ("FAILED", "TIMEOUT") and info.restarts == 0, (str(info), log[-6000:])
+    assert "caught SIGUSR1" in log, log[-6000:]
+    assert "error: no new checkpoint since this start (step 0): not requeueing" in log, log[-6000:]
+    assert train_steps(s.out) == [], log[-6000:]
 
 
 def test_two_node_run(jobs, early):
@@ -376,53 +548,62 @@ def test_bad_flag_fails_without_requeue(jobs, early):
     assert "requeueing" not in log
 
 
-@pytest.mark.parametrize(
-    ("gpu_env", "fake_smi_gpus", "want"),
-    [
-        ({"SLURM_GPUS_ON_NODE": "8"}, 0, (8, 16, False)),
-        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 0, (4, 8, False)),
-        ({"CUDA_VISIBLE_DEVICES": ""}, 2, (0, 2, True)),
-        ({}, 2, (2, 4, False)),
-        ({}, 0, (0, 2, True)),
-    ],
-)
-def test_plan_counts_gpus(cluster, tmp_path, gpu_env, fake_smi_gpus, want):
-    """DRY_RUN=1: the per-node GPU count (Slurm's, CUDA_VISIBLE_DEVICES, nvidia-smi -L) sets the
-    process count and the device flags; nodes n1/n2 do not resolve, so the master is their NodeAddr."""
+def dry_run(cluster: SlurmCluster, tmp_path: Path, **env: str):
+    """`DRY_RUN=1 bash slurm/train.sh --data d --out o` as the batch script of a 2-node job n[1-2], job id
+    4242, with `env` from Slurm or the submitting shell; a fake nvidia-smi that sees 2 GPUs (which
+    the script must not count: they may be another job's)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    if fake_smi_gpus:
-        lines = "".join(
-            f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"\n' for i in range(fake_smi_gpus)
-        )
-        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{lines}")
-        (bin_dir / "nvidia-smi").chmod(0o755)
-    env = {k: v for k, v in cluster.env.items() if k not in ("CUDA_VISIBLE_DEVICES", "GPUS_PER_NODE")}
-    env.update(
+    bin_dir.mkdir(exist_ok=True)
+    smi = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"\n' for i in range(2))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    base = {k: v for k, v in cluster.env.items() if not k.startswith(("CUDA_", "MASTER_", "WANDB_", "CAE_"))}
+    base.update(
         PATH=f"{bin_dir}:{cluster.env['PATH']}",
         SLURM_JOB_ID="4242",
         SLURM_JOB_NUM_NODES="2",
         SLURM_JOB_NODELIST="n[1-2]",
         SLURM_SUBMIT_DIR=str(REPO),
         DRY_RUN="1",
-        **gpu_env,
     )
-    if not fake_smi_gpus:  # hide a real nvidia-smi
-        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
-        (bin_dir / "nvidia-smi").chmod(0o755)
-    res = subprocess.run(
+    return subprocess.run(
         ["bash", "slurm/train.sh", "--data", "d", "--out", "o"],
         cwd=REPO,
-        env=env,
+        env={**base, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        (
+            {"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64", "SLURM_CPUS_PER_TASK": "64"},
+            (8, 16, False),
+        ),
+        ({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "8"}, (4, 8, False)),
+        ({"CAE_GPUS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "2"}, (2, 4, False)),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, (0, 2, True)),  # not Slurm's: ignored, as nvidia-smi's 2
+        ({}, (0, 2, True)),
+    ],
+)
+def test_plan_counts_gpus(cluster, tmp_path, env, want):
+    """DRY_RUN=1: the per-node GPU count (Slurm's, or CAE_GPUS_PER_NODE) sets the process count and the
+    device flags; nodes n1/n2 do not resolve, so the master is their NodeAddr; srun gets the task's
+    CPUs, or no binding when the job has no --cpus-per-task."""
+    res = dry_run(cluster, tmp_path, **env)
     assert res.returncode == 0, res.stdout + res.stderr
     gpus, procs, cpu = want
     assert f"nodes=2 gpus_per_node={gpus} processes={procs}" in res.stdout, res.stdout
     plan = res.stdout.split("dry run: ", 1)[1]
-    assert plan.startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 bash ")
+    cpus = (
+        f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}" if "SLURM_CPUS_PER_TASK" in env else "--cpu-bind=none"
+    )
+    assert plan.startswith(
+        f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 {cpus} bash "
+    ), plan
     assert (
         f"--num_machines 2 --num_processes {procs} --main_process_ip 127.0.0.1 --main_process_port 24242"
         in plan
@@ -431,3 +612,107 @@ def test_plan_counts_gpus(cluster, tmp_path, gpu_env, fake_smi_gpus, want):
     assert "--machine_rank" not in plan  # added by slurm/node.sh on each node
     assert plan.rstrip().endswith("train.py --data d --out o"), plan
     assert "wandb run id=cae-4242" in res.stdout
+    assert "warning" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        (
+            {"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "1"},
+            "8 processes per node but Slurm gave this node 1 CPU(s): request at least --cpus-per-task=8",
+        ),
+        (
+            {"SLURM_GPUS_ON_NODE": "8", "SLURM_GPUS": "12", "SLURM_CPUS_ON_NODE": "64"},
+            "--gpus=12 may give the 2 nodes different GPU counts: request --gpus-per-node instead",
+        ),
+    ],
+)
+def test_plan_refuses_what_cannot_run(cluster, tmp_path, env, needle):
+    """Too few CPUs for the processes of a node, or GPUs that may be split unevenly: one line, exit 2."""
+    res = dry_run(cluster, tmp_path, **env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"[slurm/train.sh] error: {needle}"), res.stderr
+
+
+def test_plan_ignores_the_submitting_shells_rendezvous(cluster, tmp_path):
+    """sbatch exports the login shell's environment: its MASTER_ADDR/PORT and WANDB_RUN_ID are ignored
+    with a warning; the CAE_ names choose them, with a warning for an address not of the job's nodes."""
+    res = dry_run(cluster, tmp_path, MASTER_ADDR="localhost", MASTER_PORT="29500", WANDB_RUN_ID="stale")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for var, value in (("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500"), ("WANDB_RUN_ID", "stale")):
+        assert f"warning: ignoring {var}={value} from the submitting shell; set CAE_{var}" in res.stdout
+    assert "master=127.0.0.1:24242" in res.stdout and "wandb run id=cae-4242" in res.stdout, res.stdout
+
+    res = dry_run(cluster, tmp_path, CAE_MASTER_ADDR="n2", CAE_MASTER_PORT="23456", CAE_WANDB_RUN_ID="mine")
+    assert res.returncode == 0 and "warning" not in res.stdout, res.stdout + res.stderr
+    assert "master=n2:23456" in res.stdout and "wandb run id=mine" in res.stdout, res.stdout
+
+    res = dry_run(cluster, tmp_path, CAE_MASTER_ADDR="10.9.9.9")
+    assert "warning: CAE_MASTER_ADDR=10.9.9.9 is not one of this job's nodes or their addresses" in res.stdout
+
+
+def test_node_refuses_a_gpu_count_other_than_planned(tmp_path):
+    """slurm/node.sh stops a node whose GPUs differ from the count slurm/train.sh planned for every node."""
+
+    env = clean_env(SLURM_NODEID="1", SLURM_GPUS_ON_NODE="4", CAE_PLANNED_GPUS="8")
+    res = subprocess.run(
+        ["bash", "slurm/node.sh", "accelerate", "launch", "train.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "error: Slurm gave this node 4 GPUs, the first node 8: request --gpus-per-node" in res.stderr
+
+
+def test_node_signals_only_the_trainers(tmp_path):
+    """slurm/node.sh turns a USR1 into a USR1 for the trainers (RANK set, parent without RANK) only: a
+    trainer's own children (torch.compile's workers, which inherit RANK) would die of it. The launcher
+    here is a stand-in process tree, `accelerate` -> trainer (RANK=0) -> worker (RANK=0), each
+    recording the signals it gets."""
+
+    record = tmp_path / "signals.txt"
+    python = (
+        "import os, signal, subprocess, sys, time\n"
+        "role = sys.argv[1]\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: got.append(1) or open(sys.argv[2], 'a').write(role + '\\n'))\n"
+        "child = subprocess.Popen([sys.executable, __file__, 'worker', sys.argv[2]]) if role == 'trainer' else None\n"
+        "open(sys.argv[2] + '.' + role, 'w').close()\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not got and time.monotonic() < deadline and (role == 'trainer' or os.getppid() != 1):\n"
+        "    time.sleep(0.1)\n"
+        "if child:\n"
+        "    time.sleep(1)\n"
+        "    child.terminate()\n"
+        "    child.wait()\n"
+    )
+    (tmp_path / "proc.py").write_text(python)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(f"#!/bin/bash\nRANK=0 {PYTHON} {tmp_path}/proc.py trainer {record}\n")
+    (bin_dir / "accelerate").chmod(0o755)
+    env = clean_env(SLURM_NODEID="0", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    node = subprocess.Popen(
+        ["bash", "slurm/node.sh", "accelerate", "launch", "train.py"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "signals.txt.worker").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        node.send_signal(signal.SIGUSR1)
+        output, _ = node.communicate(timeout=60)
+    finally:
+        node.kill()
+    assert node.returncode == 0, output
+    assert record.read_text().split() == ["trainer"], output
+    assert re.search(r"SIGUSR1: sending USR1 to the training processes \(\d+ \)", output), output
