@@ -7,7 +7,11 @@ Rerunning the same command with the same --out resumes from the latest checkpoin
 `python train.py --help` lists the flags; the defaults are the study's recipe.
 """
 
-from ae.launch import relaunch_cpu_processes_if_needed
+import time
+
+STARTED = time.perf_counter()
+
+from ae.launch import relaunch_cpu_processes_if_needed  # noqa: E402
 
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
@@ -20,7 +24,7 @@ def main() -> None:
     cfg = parse_args()  # bad flags fail fast, before the heavy imports below
     from ae.trainer import Trainer
 
-    Trainer(cfg).fit()
+    Trainer(cfg, started=STARTED).fit()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import sys
 import time
 from contextlib import closing
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, AutocastKwargs, InitProcessGroupKwargs
 from accelerate.utils import set_seed
@@ -29,18 +31,48 @@ from tqdm.auto import tqdm
 from ae import checkpoint
 from ae.beton import load_manifest, verify_beton
 from ae.config import TrainConfig
-from ae.data import DeviceResidentBatches, FFCVBatches, default_workers, eval_batches, read_split
+from ae.data import (
+    EVAL_BATCH_SIZE,
+    DeviceResidentBatches,
+    FFCVBatches,
+    default_workers,
+    eval_shard,
+    held_out,
+    read_images,
+)
 from ae.errors import UserError
 from ae.fast import CudaGraphStep
 from ae.files import atomic_write
 from ae.metrics import bce_loss, reconstruction_grid, split_sums, summarize, to_unit_float
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
+from ae.schedule import LRSchedule, warmup_steps
+from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode
 
 GRID_IMAGES = 16
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
-RECIPE_KEYS = ("lr", "batch_size", "seed", "noise", "world_size", "train_data")
+RECIPE_KEYS = (
+    "lr",
+    "batch_size",
+    "seed",
+    "noise",
+    "world_size",
+    "train_data",
+    "schedule",
+    "warmup_steps",
+    "schedule_steps",
+    "betas",
+    "val_split",
+)
+# What checkpoints written before a key existed were trained with: the study's recipe.
+RECIPE_BEFORE_KEY = {
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "schedule_steps": None,
+    "betas": [0.9, 0.999],
+    "val_split": 0,
+}
 
 
 def _say(message: str) -> None:
@@ -59,8 +91,12 @@ def _git_commit() -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, started: float | None = None):
+        """`started`: the process's perf_counter() at start, to report the start-up time."""
         self.cfg = cfg
+        # Start-up phases, each (name, perf_counter() at its end); reported with the summary.
+        self.startup = [("started", started if started is not None else time.perf_counter())]
+        self._mark("imports")
         self.stop_signal: str | None = None
         self.previous_handlers = {
             sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
@@ -84,37 +120,54 @@ class Trainer:
             f"host={socket.gethostname()} device={self.device}"
         )
 
+        self._mark("accelerate")
         self.manifest = load_manifest(cfg.data)
         for split in ("train", "test"):
             verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
         self.out = cfg.out
         self.checkpoints = self.out / "checkpoints"
         self._prepare_out_dir()
+        self._mark("data check")
 
         set_seed(cfg.seed)
         model = ConvAutoencoder()
         if acc.is_main_process:
             print(layer_summary(model), flush=True)
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused, capturable=fused)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused, capturable=fused
+        )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
         workers = cfg.data_workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         train_count = self.manifest["splits"]["train"]["count"]
-        test_count = self.manifest["splits"]["test"]["count"]
+        if cfg.val_split >= train_count:
+            raise UserError(
+                f"--val-split {cfg.val_split} leaves no training images (the split has {train_count})"
+            )
+        train_indices, val_indices = held_out(train_count, cfg.val_split)
         if cfg.data_on_device:
             self.batches = DeviceResidentBatches(
-                cfg.data, train_count, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
+                cfg.data, train_indices, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
             )
         else:
-            self.batches = FFCVBatches(cfg.data, cfg.batch_size, self.device, cfg.seed, workers)
-        self.eval_batches = eval_batches(
-            cfg.data, test_count, self.device, self.rank, self.world_size, workers
-        )
-        self.grid_images = read_split(cfg.data, "test", min(GRID_IMAGES, test_count), self.device)
+            self.batches = FFCVBatches(
+                cfg.data,
+                cfg.batch_size,
+                self.device,
+                cfg.seed,
+                workers,
+                indices=train_indices if cfg.val_split else None,
+            )
+        self._mark("model, train loader")
+        self._load_eval_images(val_indices)
+        self._mark("eval images")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(
+            cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps
+        )
         self.recipe = {
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
@@ -122,6 +175,12 @@ class Trainer:
             "noise": str(self.noise) if self.noise else None,
             "world_size": self.world_size,
             "train_data": self.manifest["splits"]["train"]["sha256"],
+            "schedule": cfg.schedule,
+            "warmup_steps": self.schedule.warmup_steps,
+            # A decaying schedule is fixed to the run's length; a constant one can be extended.
+            "schedule_steps": None if cfg.schedule == "constant" else self.total_steps,
+            "betas": list(cfg.adam_betas),
+            "val_split": cfg.val_split,
         }
 
         self.step = 0
@@ -129,6 +188,7 @@ class Trainer:
         self.last_eval_step = -1
         self.last_checkpoint_step = -1
         self.final_metrics: dict[str, float] | None = None
+        self.first_eval_seconds: float | None = None
         self._resume()
 
         self.fast_step = self._make_fast_step()
@@ -141,6 +201,30 @@ class Trainer:
         self.bad_steps = torch.zeros((), device=self.device)
         self.first_bad_step = torch.full((), -1.0, device=self.device)
         self.step_tensor = torch.full((), float(self.step), device=self.device)
+        self._mark("resume, W&B")
+
+    def _mark(self, phase: str) -> None:
+        self.startup.append((phase, time.perf_counter()))
+
+    def _load_eval_images(self, val_indices: np.ndarray) -> None:
+        """This process's shard of the evaluation images, held on the device (no FFCV pipeline).
+
+        The test split, or with --val-split the held-out training images (`val_indices`).
+        """
+        cfg = self.cfg
+        if cfg.val_split:
+            self.eval_split, split, indices = "val", "train", val_indices
+        else:
+            self.eval_split, split = "test", "test"
+            indices = np.arange(self.manifest["splits"]["test"]["count"])
+        shard = indices[eval_shard(len(indices), self.rank, self.world_size).astype(np.int64)]
+        self.eval_images = read_images(cfg.data, split, shard, self.device)
+        self.grid_images = self.eval_images[:GRID_IMAGES]
+        if cfg.val_split:
+            every_image = read_images(cfg.data, split, indices, torch.device("cpu"))
+            self.eval_bce_floor = pixel_stats(every_image.permute(0, 2, 3, 1).numpy())[1]
+        else:
+            self.eval_bce_floor = self.manifest["splits"]["test"]["bce_floor"]
 
     # ----------------------------------------------------------------- setup
 
@@ -172,10 +256,11 @@ class Trainer:
         if latest is None:
             return
         state = checkpoint.read_state(latest)
+        saved = {**RECIPE_BEFORE_KEY, **state["recipe"]}
         changed = [
-            f"{key} {state['recipe'].get(key)!r} → {self.recipe[key]!r}"
+            f"{key} {saved.get(key)!r} → {self.recipe[key]!r}"
             for key in RECIPE_KEYS
-            if state["recipe"].get(key) != self.recipe[key]
+            if saved.get(key) != self.recipe[key]
         ]
         if changed:
             raise UserError(
@@ -255,6 +340,8 @@ class Trainer:
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
+                        if self.startup[-1][0] != "first step":
+                            self._mark("first step")
                         progress.update(1)
                         if self._after_step():
                             break
@@ -316,6 +403,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor) -> None:
         self.step += 1
         self.images_trained += images.shape[0] * self.world_size
+        self.schedule.apply(self.optimizer, self.step)
         if self.fast_step is not None and images.shape[0] == self.cfg.batch_size:
             loss = self.fast_step(images, self.step)
         else:
@@ -410,7 +498,7 @@ class Trainer:
             "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
             if seconds
             else 0.0,
-            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/lr": self.schedule.at(self.step),
             "train/epoch": self.step / self.steps_per_epoch,
         }
         if self.cfg.on_nan == "skip":
@@ -439,10 +527,16 @@ class Trainer:
         if self.last_eval_step == self.step:
             return
         self._pause_window()
+        started = time.perf_counter()
         metrics, grid = self._test_metrics()
+        if self.first_eval_seconds is None:
+            self.first_eval_seconds = time.perf_counter() - started
         self.last_eval_step = self.step
         self.logger.log(
-            {f"test/{k}": v for k, v in metrics.items()}, self.step, self._epoch_of(self.step), grid
+            {f"{self.eval_split}/{k}": v for k, v in metrics.items()},
+            self.step,
+            self._epoch_of(self.step),
+            grid,
         )
         self._resume_window()
 
@@ -450,12 +544,8 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         model.eval()
-        sums = split_sums(model, self.eval_batches, self.noise, acc.autocast)
-        metrics = summarize(
-            acc.reduce(sums, "sum"),
-            self.manifest["splits"]["test"]["bce_floor"],
-            noisy=self.noise is not None,
-        )
+        sums = split_sums(model, self.eval_images.split(EVAL_BATCH_SIZE), self.noise, acc.autocast)
+        metrics = summarize(acc.reduce(sums, "sum"), self.eval_bce_floor, noisy=self.noise is not None)
         grid = None
         if acc.is_main_process:
             clean = to_unit_float(self.grid_images)
@@ -508,8 +598,14 @@ class Trainer:
         rate = self.images_trained / self.train_seconds if self.train_seconds else 0.0
         _say(
             f"done: {self.step} steps ({self.step / self.steps_per_epoch:.2f} epochs) in {wall_seconds:.1f} s wall, "
-            f"{rate:,.0f} images/s; test bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "
+            f"{rate:,.0f} images/s; {self.eval_split} bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "
             f"mse {m['mse']:.5f}, psnr {m['psnr_db']:.2f} dB"
             + (f", denoise gain {m['denoise_gain_db']:.2f} dB" if "denoise_gain_db" in m else "")
             + f" → {self.out / 'model.safetensors'}"
+        )
+        phases = [(name, end - start) for (_, start), (name, end) in pairwise(self.startup)]
+        _say(
+            f"start-up: {self.startup[-1][1] - self.startup[0][1]:.1f} s to the end of the first step ("
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases)
+            + f"); first evaluation {self.first_eval_seconds:.1f} s"
         )

@@ -122,7 +122,7 @@ def _write_beton(path: Path, images: np.ndarray) -> None:
 def make_synthetic_data(folder: Path, n_train: int, n_test: int) -> tuple[Path, np.ndarray]:
     """A prepared data folder (betons + manifest.json) of synthetic images; returns it and the train images."""
     from ae import beton
-    from data_prep.stats import pixel_stats
+    from ae.stats import pixel_stats
 
     folder.mkdir(parents=True, exist_ok=True)
     images = synthetic_images(n_train + n_test)
