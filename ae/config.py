@@ -68,7 +68,7 @@ class TrainConfig:
     noise: str | None = None
     fast: bool = False
     compile: bool = False
-    data_on_device: bool = False
+    data_on_device: bool | None = None  # None: when the training split fits (RESIDENT_MAX_BYTES)
     data_workers: int | None = None
     verify_data: bool = True
     on_nan: str = "stop"
@@ -136,7 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", help="denoising: corrupt inputs with gaussian:SIGMA or saltpepper:P")
     p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (GPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--data-on-device", action="store_true", help="keep the training split on the device")
+    p.add_argument(
+        "--data-on-device",
+        action="store_true",
+        default=None,
+        help="keep the training split on the device (the default when it takes at most 1 GiB, as CIFAR-10 does)",
+    )
+    p.add_argument(
+        "--stream",
+        dest="data_on_device",
+        action="store_false",
+        help="stream the training split from the beton with FFCV instead",
+    )
     p.add_argument(
         "--data-workers", type=int, help="FFCV threads per process (default: CPUs / processes, ≤8)"
     )

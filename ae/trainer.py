@@ -51,6 +51,7 @@ from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode
 
 GRID_IMAGES = 16
+RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
 RECIPE_KEYS = (
     "lr",
@@ -147,7 +148,9 @@ class Trainer:
                 f"--val-split {cfg.val_split} leaves no training images (the split has {train_count})"
             )
         train_indices, val_indices = held_out(train_count, cfg.val_split)
-        if cfg.data_on_device:
+        train_bytes = len(train_indices) * math.prod(self.manifest["splits"]["train"]["image_shape"])
+        resident = cfg.data_on_device if cfg.data_on_device is not None else train_bytes <= RESIDENT_MAX_BYTES
+        if resident:
             self.batches = DeviceResidentBatches(
                 cfg.data, train_indices, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
             )

@@ -85,7 +85,7 @@ def run_one(data: Path, work: Path, name: str, seed: int, flags: list[str], thre
         "flags": flags,
         **summarize_run(read_metrics(out)),
         "wall_s": wall,
-        "omp_threads": threads,
+        "omp_threads": threads or os.environ.get("OMP_NUM_THREADS"),
         "load_average": [load_start, os.getloadavg()[0]],
     }
 

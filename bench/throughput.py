@@ -715,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if "b" in args.paths:
             rows.append(
-                trainer_row("b", "default: FFCV + Accelerate, fp32 (train.py)", ["--mixed-precision", "no"])
+                trainer_row(
+                    "b",
+                    "FFCV + Accelerate, fp32 (train.py --stream)",
+                    ["--stream", "--mixed-precision", "no"],
+                )
             )
             if cuda and not args.no_bf16:
                 rows.append(trainer_row("b'", "default, bf16 autocast", ["--mixed-precision", "bf16"]))
