@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-split",
         type=int,
         default=0,
-        help="for tuning: hold out the last N training images and evaluate on them instead of test",
+        help="for tuning: hold out N training images (a fixed random draw) and evaluate on them, not on test",
     )
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--log-every", type=int, default=50, help="steps between train metrics")

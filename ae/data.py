@@ -1,8 +1,8 @@
 """Batches of uint8 CIFAR-10 images on the training device, from FFCV betons.
 
 Two sources serve training, with the same interface and, in one process, the same order:
-- `FFCVBatches`: FFCV's Loader streams each epoch from the beton (the default);
-- `DeviceResidentBatches`: the split is read once and kept on the device (`--data-on-device`).
+- `FFCVBatches`: FFCV's Loader streams each epoch from the beton (`--stream`, or a split over 1 GiB);
+- `DeviceResidentBatches`: the split is read once and kept on the device (the default when it fits).
 Both can start an epoch at any batch, which is how a mid-epoch resume continues exactly.
 FFCV is imported only when a loader is built: its import alone takes seconds (numba compiles at
 import), and resident data and evaluation (`read_images`) do not need it.
