@@ -12,8 +12,8 @@ from ae.noise import parse_noise
 from ae.schedule import SCHEDULES, parse_warmup
 
 # Presets for --recipe. Each sets these flags; a flag given on the command line overrides its value.
-# `study` is the published recipe; `fast` and `best` were chosen on a validation split carved out of
-# the training images (bench/recipes.py; README "Recipes").
+# `study` is the published recipe. `fast` and `best` are the reference schedule, checked on a
+# validation split carved out of the training images (bench/recipes.py); provisional: README "Recipes".
 RECIPES: dict[str, dict[str, object]] = {
     "study": {
         "epochs": 100,

@@ -606,6 +606,8 @@ class Trainer:
             + (f", denoise gain {m['denoise_gain_db']:.2f} dB" if "denoise_gain_db" in m else "")
             + f" → {self.out / 'model.safetensors'}"
         )
+        if self.startup[-1][0] != "first step" or self.first_eval_seconds is None:
+            return  # no step or no evaluation ran in this process (a finished run, rerun)
         phases = [(name, end - start) for (_, start), (name, end) in pairwise(self.startup)]
         _say(
             f"start-up: {self.startup[-1][1] - self.startup[0][1]:.1f} s to the end of the first step ("
