@@ -10,8 +10,11 @@ $CIFAR_SOURCE, else a torchvision download. Rerunning the same command with the 
 """
 
 import os
+import time
 
-from ae.launch import relaunch_cpu_processes_if_needed
+STARTED = time.perf_counter()
+
+from ae.launch import relaunch_cpu_processes_if_needed  # noqa: E402
 
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
@@ -31,7 +34,7 @@ def main() -> None:
     prepare_if_missing(cfg.data, cfg.source, preparer=os.environ.get("LOCAL_RANK", "0") == "0", log=_say)
     from ae.trainer import Trainer
 
-    Trainer(cfg).fit()
+    Trainer(cfg, started=STARTED).fit()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,37 @@ from typing import TYPE_CHECKING
 
 from ae.errors import SEED_MAX, OneLineParser, UserError, check_range
 from ae.noise import parse_noise
+from ae.schedule import SCHEDULES, parse_warmup
+
+# Presets for --recipe. Each sets these flags; a flag given on the command line overrides its value.
+# `study` is the published recipe. `fast` and `best` are the reference schedule, checked on a
+# validation split carved out of the training images (bench/recipes.py); provisional: README "Recipes".
+RECIPES: dict[str, dict[str, object]] = {
+    "study": {
+        "epochs": 100,
+        "schedule": "constant",
+        "lr": 1e-3,
+        "warmup": "0",
+        "batch_size": 128,
+        "betas": "0.9,0.999",
+    },
+    "fast": {
+        "epochs": 2,
+        "schedule": "onecycle",
+        "lr": 1e-2,
+        "warmup": "0.5",
+        "batch_size": 128,
+        "betas": "0.9,0.999",
+    },
+    "best": {
+        "epochs": 10,
+        "schedule": "onecycle",
+        "lr": 1e-2,
+        "warmup": "0.1",
+        "batch_size": 128,
+        "betas": "0.9,0.999",
+    },
+}
 
 DEFAULT_DATA = Path("data/cifar10")
 DEFAULT_OUT = Path("runs/cifar10")
@@ -29,6 +60,7 @@ RANGES: dict[str, tuple[str, int, int | None]] = {
     "--epochs": ("epochs", 1, 1_000_000),
     "--batch-size": ("batch_size", 1, 1 << 20),
     "--seed": ("seed", 0, SEED_MAX),
+    "--val-split": ("val_split", 0, STEPS_MAX),
     "--max-steps": ("max_steps", 1, STEPS_MAX),
     "--log-every": ("log_every", 1, STEPS_MAX),
     "--eval-every": ("eval_every", 1, STEPS_MAX),
@@ -50,10 +82,15 @@ class TrainConfig:
     data: Path = DEFAULT_DATA
     out: Path = DEFAULT_OUT
     source: str | None = None  # where to prepare --data from when it holds no prepared data
+    recipe: str = "study"
     epochs: int = 100
     batch_size: int = 128  # per process
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak of the schedule
+    schedule: str = "constant"
+    warmup: str = "0"  # steps, or a fraction of the run
+    betas: str = "0.9,0.999"
     seed: int = 0
+    val_split: int = 0  # images carved out of train to evaluate on instead of test (tuning)
     max_steps: int | None = None
     log_every: int = 50
     eval_every: int | None = None
@@ -68,7 +105,7 @@ class TrainConfig:
     noise: str | None = None
     fast: bool | None = None  # None: the CUDA graph wherever it applies (ae.fast.choose_step_path)
     compile: bool = False
-    data_on_device: bool = False
+    data_on_device: bool | None = None  # None: when the training split fits (RESIDENT_MAX_BYTES)
     data_workers: int | None = None
     verify_data: bool = True
     on_nan: str = "stop"
@@ -78,11 +115,25 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        return parse_betas(self.betas)
+
+
+def _preset_table() -> str:
+    keys = ("epochs", "schedule", "lr", "warmup", "batch_size", "betas")
+    return "; ".join(
+        f"{name}: "
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in ((k, RECIPES[name][k]) for k in keys))
+        for name in RECIPES
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python train.py",
         description="Train the CIFAR-10 convolutional autoencoder. Defaults are the study's recipe.",
+        epilog=f"Recipes (--recipe): {_preset_table()}.",
     )
     p.add_argument(
         "--data",
@@ -102,16 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CIFAR-10 to prepare a --data without data from, as in data_prep (default: ${SOURCE_ENV}, "
         "else download)",
     )
-    p.add_argument("--epochs", type=int, default=100, help=_range("--epochs"))
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="study",
+        help="preset for epochs, schedule, lr, warm-up, batch size and betas (listed below); flags override it",
+    )
+    p.add_argument("--epochs", type=int, help=f"default: the recipe's; {_range('--epochs')}")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=128,
         help=f"per process (global = this × processes); {_range('--batch-size')}, at most the images each "
         "process gets and what memory holds",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help=f"Adam learning rate, in (0, {LR_MAX:g}]")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (the schedule's peak), in (0, {LR_MAX:g}]")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate per optimizer step")
+    p.add_argument("--warmup", help="linear warm-up from 0: steps (500) or a fraction of the run (0.1)")
+    p.add_argument("--betas", help="Adam's betas, B1,B2")
     p.add_argument("--seed", type=int, default=0, help=_range("--seed"))
+    p.add_argument(
+        "--val-split",
+        type=int,
+        default=0,
+        help="for tuning: hold out N training images (a fixed random draw) and evaluate on them, not on test; "
+        + _range("--val-split"),
+    )
     p.add_argument(
         "--max-steps",
         type=int,
@@ -155,7 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole step as one CUDA graph (default: on one or more GPUs with fp32/bf16; --no-fast: eager)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--data-on-device", action="store_true", help="keep the training split on the device")
+    p.add_argument(
+        "--data-on-device",
+        action="store_true",
+        default=None,
+        help="keep the training split on the device (the default when it takes at most 1 GiB, as CIFAR-10 does)",
+    )
+    p.add_argument(
+        "--stream",
+        dest="data_on_device",
+        action="store_false",
+        help="stream the training split from the beton with FFCV instead",
+    )
     p.add_argument(
         "--data-workers",
         type=int,
@@ -178,9 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    args = vars(build_parser().parse_args(argv))
+    for key, value in RECIPES[args["recipe"]].items():
+        if args[key] is None:
+            args[key] = value
+    cfg = TrainConfig(**args)
     validate(cfg)
     return cfg
+
+
+def parse_betas(spec: str) -> tuple[float, float]:
+    try:
+        b1, b2 = (float(x) for x in spec.split(","))
+    except ValueError:
+        b1 = b2 = math.nan
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise UserError(f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {spec!r}")
+    return b1, b2
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -190,6 +281,8 @@ def validate(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.lr) and 0 < cfg.lr <= LR_MAX):
         raise UserError(f"--lr must be a positive number up to {LR_MAX:g} (e.g. 1e-3), got {cfg.lr}")
     parse_noise(cfg.noise)
+    parse_betas(cfg.betas)
+    parse_warmup(cfg.warmup)
     if cfg.data.exists() and not cfg.data.is_dir():
         raise UserError(
             f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out DIR` and pass that"

@@ -1,29 +1,33 @@
 """Batches of uint8 CIFAR-10 images on the training device, from FFCV betons.
 
 Two sources serve training, with the same interface and, in one process, the same order:
-- `FFCVBatches`: FFCV's Loader streams each epoch from the beton (the default);
-- `DeviceResidentBatches`: the split is read once and kept on the device (`--data-on-device`).
+- `FFCVBatches`: FFCV's Loader streams each epoch from the beton (`--stream`, or a split over 1 GiB);
+- `DeviceResidentBatches`: the split is read once and kept on the device (the default when it fits).
 Both can start an epoch at any batch, which is how a mid-epoch resume continues exactly.
+FFCV is imported only when a loader is built: its import alone takes seconds (numba compiles at
+import), and resident data and evaluation (`read_images`) do not need it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
 from ae.beton import BetonFile, beton_path
 from ae.errors import UserError
 
+if TYPE_CHECKING:
+    from ffcv.loader import Loader
+
 EVAL_BATCH_SIZE = 1000
+VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same images
 # torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.
 _TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 torch.set_num_threads(_TORCH_THREADS)
@@ -65,23 +69,27 @@ def _ffcv_loader(
     batch_size: int,
     device: torch.device,
     workers: int,
-    order: OrderOption,
+    sequential: bool,
     seed: int = 0,
     distributed: bool = False,
     indices: np.ndarray | None = None,
 ) -> Loader:
-    image_pipeline = [
-        SimpleRGBImageDecoder(),
-        ToTensor(),
-        ToDevice(device, non_blocking=True),
-        ToTorchImage(),
-    ]
-    with _torch_threads_kept():
+    with _torch_threads_kept():  # importing ffcv sets torch's thread count to 1
+        from ffcv.fields.decoders import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+        image_pipeline = [
+            SimpleRGBImageDecoder(),
+            ToTensor(),
+            ToDevice(device, non_blocking=True),
+            ToTorchImage(),
+        ]
         return Loader(
             str(path),
             batch_size=batch_size,
             num_workers=workers,
-            order=order,
+            order=OrderOption.SEQUENTIAL if sequential else OrderOption.RANDOM,
             seed=seed,
             distributed=distributed,
             indices=indices,
@@ -90,22 +98,27 @@ def _ffcv_loader(
         )
 
 
-class _EpochOnDevice(EpochIterator):
-    """FFCV's epoch thread, with its CUDA device set to the loader's.
+@functools.cache
+def _epoch_on_device_class() -> type:
+    """FFCV's epoch thread with its CUDA device set to the loader's (FFCV imported on first use).
 
     A new thread starts on GPU 0, and FFCV's thread enters `torch.cuda.stream(...)` and waits on
     events there (FFCV PR #190): without this, every process of a multi-GPU run would open a CUDA
     context on GPU 0. The main thread's device is set by Accelerate (one GPU per process).
     """
+    from ffcv.loader.epoch_iterator import EpochIterator
 
-    def __init__(self, loader: Loader, order: np.ndarray, device: torch.device):
-        self.device = device
-        super().__init__(loader, order)
+    class EpochOnDevice(EpochIterator):
+        def __init__(self, loader: Loader, order: np.ndarray, device: torch.device):
+            self.device = device
+            super().__init__(loader, order)
 
-    def run(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        super().run()
+        def run(self) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            super().run()
+
+    return EpochOnDevice
 
 
 def stream_batches(loader: Loader, order: np.ndarray, device: torch.device) -> Iterator[torch.Tensor]:
@@ -124,7 +137,7 @@ def stream_batches(loader: Loader, order: np.ndarray, device: torch.device) -> I
     FFCV's thread on every batch.
     """
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), _torch_threads_kept():
-        iterator = _EpochOnDevice(loader, order, device)
+        iterator = _epoch_on_device_class()(loader, order, device)
     try:
         for (images,) in iterator:
             copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -144,16 +157,26 @@ class FFCVBatches:
     Build it after the process group exists: FFCV reads rank and world size from torch.distributed.
     """
 
-    def __init__(self, data_dir: Path, batch_size: int, device: torch.device, seed: int, workers: int):
+    def __init__(
+        self,
+        data_dir: Path,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        workers: int,
+        indices: np.ndarray | None = None,
+    ):
+        """`indices`: train on these images of the split only (the rest held out), else on all."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.loader = _ffcv_loader(
             beton_path(data_dir, "train"),
             batch_size,
             device,
             workers,
-            OrderOption.RANDOM,
+            sequential=False,
             seed=seed,
             distributed=distributed and torch.distributed.get_world_size() > 1,
+            indices=indices,
         )
         self.batch_size = batch_size
         self.device = device
@@ -180,14 +203,15 @@ class DeviceResidentBatches:
     def __init__(
         self,
         data_dir: Path,
-        count: int,
+        indices: np.ndarray,
         batch_size: int,
         device: torch.device,
         seed: int,
         rank: int,
         world_size: int,
     ):
-        images = read_split(data_dir, "train", count, torch.device("cpu"))
+        """`indices`: the images of the training split to train on (all but a held-out part)."""
+        images = read_images(data_dir, "train", indices, torch.device("cpu"))
         shard = np.arange(rank, len(images), world_size)
         padded_len = -(-len(images) // world_size)
         shard = np.resize(shard, padded_len)
@@ -205,6 +229,15 @@ class DeviceResidentBatches:
             yield self.images[order[batch * self.batch_size : (batch + 1) * self.batch_size]]
 
 
+def held_out(count: int, val_split: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) image indices: `val_split` images drawn once with a fixed seed, the rest train.
+
+    A random draw, not the last images: data_prep keeps the source's order, which may be by class.
+    """
+    val = np.sort(np.random.default_rng(VAL_SPLIT_SEED).permutation(count)[:val_split])
+    return np.setdiff1d(np.arange(count), val), val
+
+
 def eval_shard(count: int, rank: int, world_size: int) -> np.ndarray:
     """This process's contiguous part of the test split: together the parts cover it exactly once."""
     return np.array_split(np.arange(count, dtype=np.uint64), world_size)[rank]
@@ -220,7 +253,7 @@ def eval_batches(
             EVAL_BATCH_SIZE,
             device,
             workers,
-            OrderOption.SEQUENTIAL,
+            sequential=True,
             indices=eval_shard(count, rank, world_size),
         ),
         device,
@@ -244,5 +277,10 @@ def read_split(data_dir: Path, split: str, count: int, device: torch.device) -> 
     data_prep stores pixels raw, so they are read straight from the beton with numpy, without
     compiling an FFCV pipeline.
     """
-    images = BetonFile(beton_path(data_dir, split)).images(np.arange(count))
+    return read_images(data_dir, split, np.arange(count), device)
+
+
+def read_images(data_dir: Path, split: str, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The images of a split at `indices` as one contiguous uint8 N,3,H,W tensor on `device`."""
+    images = BetonFile(beton_path(data_dir, split)).images(indices)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)

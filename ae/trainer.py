@@ -18,9 +18,11 @@ import sys
 import time
 from contextlib import closing, nullcontext
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, AutocastKwargs, InitProcessGroupKwargs
 from accelerate.utils import set_seed
@@ -30,7 +32,15 @@ from tqdm.auto import tqdm
 from ae import checkpoint
 from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig, check_batch_size, free_memory
-from ae.data import DeviceResidentBatches, FFCVBatches, data_workers, eval_batches, eval_shard, read_split
+from ae.data import (
+    EVAL_BATCH_SIZE,
+    DeviceResidentBatches,
+    FFCVBatches,
+    data_workers,
+    eval_shard,
+    held_out,
+    read_images,
+)
 from ae.errors import UserError, warn
 from ae.fast import CudaGraphStep, choose_step_path
 from ae.files import atomic_write
@@ -45,11 +55,34 @@ from ae.metrics import (
 )
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
+from ae.schedule import LRSchedule, warmup_steps
+from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
 
 GRID_IMAGES = 16
+RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
-RECIPE_KEYS = ("lr", "batch_size", "seed", "noise", "world_size", "train_data")
+RECIPE_KEYS = (
+    "lr",
+    "batch_size",
+    "seed",
+    "noise",
+    "world_size",
+    "train_data",
+    "schedule",
+    "warmup_steps",
+    "schedule_steps",
+    "betas",
+    "val_split",
+)
+# What checkpoints written before a key existed were trained with: the study's recipe.
+RECIPE_BEFORE_KEY = {
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "schedule_steps": None,
+    "betas": [0.9, 0.999],
+    "val_split": 0,
+}
 
 
 def _say(message: str) -> None:
@@ -68,8 +101,12 @@ def _git_commit() -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, started: float | None = None):
+        """`started`: the process's perf_counter() at start, to report the start-up time."""
         self.cfg = cfg
+        # Start-up phases, each (name, perf_counter() at its end); reported with the summary.
+        self.startup = [("started", started if started is not None else time.perf_counter())]
+        self._mark("imports")
         self.stop_signal: str | None = None
         self.previous_handlers = {
             sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
@@ -93,6 +130,7 @@ class Trainer:
             f"host={socket.gethostname()} device={self.device}"
         )
 
+        self._mark("accelerate")
         self.manifest = load_manifest(cfg.data)
         for split in ("train", "test"):
             verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
@@ -106,6 +144,7 @@ class Trainer:
         self.out = cfg.out
         self.checkpoints = self.out / "checkpoints"
         self._prepare_out_dir()
+        self._mark("data check")
 
         set_seed(cfg.seed)
         model = ConvAutoencoder()
@@ -122,7 +161,9 @@ class Trainer:
         if path_note and acc.is_main_process:
             _say(f"note: {path_note}")
         # capturable stays False except while the CUDA graph is captured (ae.fast).
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=self.device.type == "cuda")
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=self.device.type == "cuda"
+        )
         # DDP keeps every parameter's gradient accumulator, tied to the stream current when DDP is
         # built; a graph capturing the backward must run on that stream, so with the graph DDP is
         # built on the graph's side stream (PyTorch's CUDA-graph notes, "Usage with DDP").
@@ -135,19 +176,34 @@ class Trainer:
 
         workers = data_workers(cfg.data_workers, local_processes)
         train_count = self.manifest["splits"]["train"]["count"]
-        test_count = self.manifest["splits"]["test"]["count"]
-        if cfg.data_on_device:
+        if cfg.val_split >= train_count:
+            raise UserError(
+                f"--val-split {cfg.val_split} leaves no training images (the split has {train_count})"
+            )
+        train_indices, val_indices = held_out(train_count, cfg.val_split)
+        train_bytes = len(train_indices) * math.prod(self.manifest["splits"]["train"]["image_shape"])
+        resident = cfg.data_on_device if cfg.data_on_device is not None else train_bytes <= RESIDENT_MAX_BYTES
+        if resident:
             self.batches = DeviceResidentBatches(
-                cfg.data, train_count, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
+                cfg.data, train_indices, cfg.batch_size, self.device, cfg.seed, self.rank, self.world_size
             )
         else:
-            self.batches = FFCVBatches(cfg.data, cfg.batch_size, self.device, cfg.seed, workers)
-        self.eval_batches = eval_batches(
-            cfg.data, test_count, self.device, self.rank, self.world_size, workers
-        )
-        self.grid_images = read_split(cfg.data, "test", min(GRID_IMAGES, test_count), self.device)
+            self.batches = FFCVBatches(
+                cfg.data,
+                cfg.batch_size,
+                self.device,
+                cfg.seed,
+                workers,
+                indices=train_indices if cfg.val_split else None,
+            )
+        self._mark("model, train loader")
+        self._load_eval_images(val_indices)
+        self._mark("eval images")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(
+            cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps
+        )
         self.recipe = {
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
@@ -155,6 +211,12 @@ class Trainer:
             "noise": str(self.noise) if self.noise else None,
             "world_size": self.world_size,
             "train_data": self.manifest["splits"]["train"]["sha256"],
+            "schedule": cfg.schedule,
+            "warmup_steps": self.schedule.warmup_steps,
+            # A decaying schedule is fixed to the run's length; a constant one can be extended.
+            "schedule_steps": None if cfg.schedule == "constant" else self.total_steps,
+            "betas": list(cfg.adam_betas),
+            "val_split": cfg.val_split,
         }
 
         self.step = 0
@@ -162,6 +224,7 @@ class Trainer:
         self.last_eval_step = -1
         self.last_checkpoint_step = -1
         self.final_metrics: dict[str, float] | None = None
+        self.first_eval_seconds: float | None = None
         self._resume()
 
         self.fast_step = self._make_fast_step()
@@ -183,6 +246,34 @@ class Trainer:
         self.bad_steps = torch.zeros((), device=self.device)
         self.first_bad_step = torch.full((), -1.0, device=self.device)
         self.step_tensor = torch.full((), float(self.step), device=self.device)
+        self._mark("resume, W&B")
+
+    def _mark(self, phase: str) -> None:
+        self.startup.append((phase, time.perf_counter()))
+
+    def _load_eval_images(self, val_indices: np.ndarray) -> None:
+        """This process's shard of the evaluation images, held on the device (no FFCV pipeline).
+
+        The test split, or with --val-split the held-out training images (`val_indices`).
+        """
+        cfg = self.cfg
+        if cfg.val_split:
+            self.eval_split, split, indices = "val", "train", val_indices
+        else:
+            self.eval_split, split = "test", "test"
+            indices = np.arange(self.manifest["splits"]["test"]["count"])
+        self.eval_source = (split, indices)
+        shard = indices[eval_shard(len(indices), self.rank, self.world_size).astype(np.int64)]
+        self.eval_images = read_images(cfg.data, split, shard, self.device)
+        self.eval_labels = torch.from_numpy(BetonFile(beton_path(cfg.data, split)).labels[shard]).to(
+            self.device
+        )
+        self.grid_images = self.eval_images[:GRID_IMAGES]
+        if cfg.val_split:
+            every_image = read_images(cfg.data, split, indices, torch.device("cpu"))
+            self.eval_bce_floor = pixel_stats(every_image.permute(0, 2, 3, 1).numpy())[1]
+        else:
+            self.eval_bce_floor = self.manifest["splits"]["test"]["bce_floor"]
 
     # ----------------------------------------------------------------- setup
 
@@ -214,10 +305,11 @@ class Trainer:
         if latest is None:
             return
         state = checkpoint.read_state(latest)
+        saved = {**RECIPE_BEFORE_KEY, **state["recipe"]}
         changed = [
-            f"{key} {state['recipe'].get(key)!r} → {self.recipe[key]!r}"
+            f"{key} {saved.get(key)!r} → {self.recipe[key]!r}"
             for key in RECIPE_KEYS
-            if state["recipe"].get(key) != self.recipe[key]
+            if saved.get(key) != self.recipe[key]
         ]
         if changed:
             raise UserError(
@@ -311,6 +403,8 @@ class Trainer:
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
+                        if self.startup[-1][0] != "first step":
+                            self._mark("first step")
                         progress.update(1)
                         if self._after_step():
                             break
@@ -373,6 +467,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor) -> None:
         self.step += 1
         self.images_trained += images.shape[0] * self.world_size
+        self.schedule.apply(self.optimizer, self.step)
         # Shards are padded to equal length, so every rank sees the same batch size at each step
         # and all of them take the same path (the graph's all-reduce or DDP's).
         if self.fast_step is not None and images.shape[0] == self.cfg.batch_size:
@@ -474,7 +569,7 @@ class Trainer:
             "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
             if seconds
             else 0.0,
-            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train/lr": self.schedule.at(self.step),
             "train/epoch": self.step / self.steps_per_epoch,
         }
         if self.cfg.on_nan == "skip":
@@ -508,10 +603,16 @@ class Trainer:
         if self.last_eval_step == self.step:
             return
         self._pause_window()
+        started = time.perf_counter()
         metrics, grid = self._test_metrics()
+        if self.first_eval_seconds is None:
+            self.first_eval_seconds = time.perf_counter() - started
         self.last_eval_step = self.step
         self.logger.log(
-            {f"test/{k}": v for k, v in metrics.items()}, self.step, self._epoch_of(self.step), grid
+            {f"{self.eval_split}/{k}": v for k, v in metrics.items()},
+            self.step,
+            self._epoch_of(self.step),
+            grid,
         )
         self._resume_window()
 
@@ -519,12 +620,8 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         model.eval()
-        sums = split_sums(model, self.eval_batches, self.noise, acc.autocast)
-        metrics = summarize(
-            acc.reduce(sums, "sum"),
-            self.manifest["splits"]["test"]["bce_floor"],
-            noisy=self.noise is not None,
-        )
+        sums = split_sums(model, self.eval_images.split(EVAL_BATCH_SIZE), self.noise, acc.autocast)
+        metrics = summarize(acc.reduce(sums, "sum"), self.eval_bce_floor, noisy=self.noise is not None)
         grid = None
         if acc.is_main_process:
             clean = to_unit_float(self.grid_images)
@@ -577,27 +674,27 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _per_class(self) -> None:
-        """Test PSNR and BCE per class (one more pass over the test split, at the end only), with
-        each class's first test image and its reconstruction, to OUT/per_class.json and W&B."""
+        """PSNR and BCE per class over the evaluation images (test, or val with --val-split), at the
+        end only, with each class's first image and its reconstruction, to OUT/per_class.json and W&B."""
         acc = self.accelerator
-        test = self.manifest["splits"]["test"]
-        test_beton = BetonFile(beton_path(self.cfg.data, "test"))
-        labels = test_beton.labels
-        shard_labels = torch.from_numpy(labels[eval_shard(test["count"], self.rank, self.world_size)])
+        split, indices = self.eval_source
+        classes = self.manifest["splits"][split]["classes"]
         model = acc.unwrap_model(self.model)
         model.eval()
         sums = class_sums(
             model,
-            self.eval_batches,
-            shard_labels.to(self.device),
-            len(test["classes"]),
+            self.eval_images.split(EVAL_BATCH_SIZE),
+            self.eval_labels,
+            len(classes),
             self.noise,
             acc.autocast,
         )
-        rows = summarize_classes(acc.reduce(sums, "sum"), test["classes"])
+        rows = summarize_classes(acc.reduce(sums, "sum"), classes)
         if acc.is_main_process:
-            first = [int((labels == test["classes"].index(row["class"])).argmax()) for row in rows]
-            images = torch.from_numpy(test_beton.images(first)).permute(0, 3, 1, 2).to(self.device)
+            beton = BetonFile(beton_path(self.cfg.data, split))
+            labels = beton.labels[indices]
+            first = [int(indices[(labels == classes.index(row["class"])).argmax()]) for row in rows]
+            images = torch.from_numpy(beton.images(first)).permute(0, 3, 1, 2).to(self.device)
             inputs = to_unit_float(images)
             if self.noise is not None:
                 inputs = self.noise.apply(inputs, noise_generator(self.device, 0, 0, 0))
@@ -620,8 +717,16 @@ class Trainer:
         self.logger.set_summary(summary)
         _say(
             f"done: {self.step} steps ({self.step / self.steps_per_epoch:.2f} epochs) in {wall_seconds:.1f} s wall, "
-            f"{rate:,.0f} images/s; test bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "
+            f"{rate:,.0f} images/s; {self.eval_split} bce {m['bce']:.4f} (floor {m['bce_floor']:.4f}), "
             f"mse {m['mse']:.5f}, psnr {m['psnr_db']:.2f} dB"
             + (f", denoise gain {m['denoise_gain_db']:.2f} dB" if "denoise_gain_db" in m else "")
             + f" → {self.out / 'model.safetensors'}"
+        )
+        if self.startup[-1][0] != "first step" or self.first_eval_seconds is None:
+            return  # no step or no evaluation ran in this process (a finished run, rerun)
+        phases = [(name, end - start) for (_, start), (name, end) in pairwise(self.startup)]
+        _say(
+            f"start-up: {self.startup[-1][1] - self.startup[0][1]:.1f} s to the end of the first step ("
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases)
+            + f"); first evaluation {self.first_eval_seconds:.1f} s"
         )

@@ -122,7 +122,7 @@ def _write_beton(path: Path, images: np.ndarray) -> None:
 def make_synthetic_data(folder: Path, n_train: int, n_test: int) -> tuple[Path, np.ndarray]:
     """A prepared data folder (betons + manifest.json) of synthetic images; returns it and the train images."""
     from ae import beton
-    from data_prep.stats import pixel_stats
+    from ae.stats import pixel_stats
 
     folder.mkdir(parents=True, exist_ok=True)
     images = synthetic_images(n_train + n_test)
@@ -714,13 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             return row
 
         if "b" in args.paths:
-            # Eager steps: on CUDA the default is the CUDA graph, row (c).
-            eager = ["--no-fast"] if cuda else []
-            path = (
-                "FFCV + Accelerate, eager, fp32 (train.py --no-fast)"
-                if cuda
-                else "default: FFCV + Accelerate, fp32 (train.py)"
-            )
+            # FFCV streaming with eager steps: on CUDA the default is the CUDA graph, row (c).
+            eager = ["--stream", "--no-fast"] if cuda else ["--stream"]
+            path = f"FFCV + Accelerate, eager, fp32 (train.py {' '.join(eager)})"
             rows.append(trainer_row("b", path, [*eager, "--mixed-precision", "no"]))
             if cuda and not args.no_bf16:
                 rows.append(trainer_row("b'", "eager, bf16 autocast", [*eager, "--mixed-precision", "bf16"]))

@@ -29,6 +29,7 @@ import numpy as np
 from ae import beton
 from ae.errors import UserError, check_range
 from ae.files import fsync_path, made_folder, read_json, refuse_overwriting
+from ae.stats import pixel_stats
 from data_prep.sources import (
     SPLITS,
     SourceSpec,
@@ -39,7 +40,6 @@ from data_prep.sources import (
     one_line,
     read_source,
 )
-from data_prep.stats import pixel_stats
 
 LOCK_NAME = ".data_prep.lock"
 _TMP_SUFFIX = ".tmp"

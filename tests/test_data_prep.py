@@ -17,8 +17,8 @@ from PIL import Image
 from ae import beton
 from ae.beton import read_beton
 from ae.errors import UserError
+from ae.stats import pixel_stats
 from data_prep import sources
-from data_prep.stats import pixel_stats
 from data_prep.writer import prepare
 from tests.synthetic import (
     CIFAR10_CLASSES,

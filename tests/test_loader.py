@@ -44,7 +44,7 @@ def test_batches_are_uint8_nchw(tiny_data):
 
 def test_device_resident_batches_follow_ffcv_order_in_one_process(tiny_data):
     ffcv = FFCVBatches(tiny_data, 32, CPU, seed=5, workers=1)
-    resident = DeviceResidentBatches(tiny_data, 256, 32, CPU, seed=5, rank=0, world_size=1)
+    resident = DeviceResidentBatches(tiny_data, np.arange(256), 32, CPU, seed=5, rank=0, world_size=1)
     for epoch in range(2):
         assert image_ids(resident.epoch(epoch)) == image_ids(ffcv.epoch(epoch))
     assert image_ids(resident.epoch(1, start_batch=3)) == image_ids(ffcv.epoch(1))[96:]
@@ -68,7 +68,7 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_split(tiny_data, tmp_path)
         textwrap.dedent(f"""
         import hashlib, json, os, sys
         from pathlib import Path
-        import torch, torch.distributed as dist
+        import numpy as np, torch, torch.distributed as dist
         sys.path.insert(0, {str(REPO)!r})
         dist.init_process_group("gloo")
         from ae.data import DeviceResidentBatches, FFCVBatches
@@ -76,7 +76,7 @@ def test_two_ranks_get_disjoint_shards_that_cover_the_split(tiny_data, tmp_path)
         ids = lambda batches: [hashlib.sha1(i.contiguous().numpy().tobytes()).hexdigest() for b in batches for i in b]
         data = Path({str(tiny_data)!r})
         ffcv = FFCVBatches(data, 16, torch.device("cpu"), seed=0, workers=1)
-        resident = DeviceResidentBatches(data, 256, 16, torch.device("cpu"), 0, rank, world)
+        resident = DeviceResidentBatches(data, np.arange(256), 16, torch.device("cpu"), 0, rank, world)
         out = {{"ffcv": ids(ffcv.epoch(0)), "ffcv_next": ids(ffcv.epoch(1)), "resident": ids(resident.epoch(0)),
                "steps": [len(ffcv), len(resident)]}}
         Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(out))

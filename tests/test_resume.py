@@ -4,11 +4,19 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.helpers import PYTHON, REPO, clean_env, metrics, ok, same_weights, train
 
 
-def test_sigusr1_checkpoints_and_the_rerun_is_bit_identical(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "schedule",
+    [[], ["--schedule", "onecycle", "--lr", "1e-2", "--warmup", "0.2"]],
+    ids=["study", "onecycle"],
+)
+def test_sigusr1_checkpoints_and_the_rerun_is_bit_identical(tiny_data, tmp_path, schedule):
     recipe = [
+        *schedule,
         "--data",
         str(tiny_data),
         "--epochs",

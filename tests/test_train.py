@@ -152,15 +152,15 @@ def test_bad_data_gets_a_one_line_error(tmp_path):
     )
 
 
-def test_data_on_device_and_fast_follow_the_default_trajectory_on_cpu(tiny_data, tmp_path):
+def test_streaming_and_fast_follow_the_default_trajectory_on_cpu(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--max-steps", "12", "--batch-size", "16", "--log-every", "1"]
     ok(train(*common, "--out", str(tmp_path / "default")))
-    ok(train(*common, "--out", str(tmp_path / "resident"), "--data-on-device"))
+    ok(train(*common, "--out", str(tmp_path / "stream"), "--stream"))
     fast = ok(train(*common, "--out", str(tmp_path / "fast"), "--fast"))
     assert "--fast needs CUDA" in fast.stdout
-    reference = [loss for _, loss in train_losses(tmp_path / "default")]
+    reference = [loss for _, loss in train_losses(tmp_path / "default")]  # resident: CIFAR-size data fits
     assert len(reference) == 12
-    for variant in ("resident", "fast"):
+    for variant in ("stream", "fast"):
         assert [loss for _, loss in train_losses(tmp_path / variant)] == pytest.approx(reference, rel=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Pixel statistics data_prep records in the manifest: per-channel means and the BCE floor."""
+"""Pixel statistics of uint8 images: per-channel means and the BCE floor (data_prep records both in the manifest)."""
 
 from __future__ import annotations
 
