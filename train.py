@@ -7,8 +7,9 @@ Rerunning the same command with the same --out resumes from the latest checkpoin
 `python train.py --help` lists the flags; the defaults are the study's recipe.
 """
 
-from ae.launch import relaunch_cpu_processes_if_needed
+from ae.launch import end_with_parent, relaunch_cpu_processes_if_needed
 
+end_with_parent()  # no orphaned trainers: a launcher's child ends when the launcher does
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
 from ae.config import parse_args  # noqa: E402

@@ -37,10 +37,18 @@ class TrainConfig:
     verify_data: bool = True
     on_nan: str = "stop"
     dist_timeout: int = 300
-    inject_nan_at_step: int | None = field(default=None, repr=False)  # test hook
+    inject_nan_at_step: tuple[int, int | None] | None = field(
+        default=None, repr=False
+    )  # test hook: step, rank
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _step_and_rank(text: str) -> tuple[int, int | None]:
+    """`STEP` (every rank) or `STEP:RANK` (that rank only)."""
+    step, _, rank = text.partition(":")
+    return int(step), int(rank) if rank else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-nan", choices=["stop", "skip"], default="stop", help="non-finite loss: stop or skip step"
     )
     p.add_argument("--dist-timeout", type=int, default=300, help="seconds before a stuck collective fails")
-    p.add_argument("--inject-nan-at-step", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--inject-nan-at-step", type=_step_and_rank, help=argparse.SUPPRESS)  # STEP[:RANK]
     return p
 
 

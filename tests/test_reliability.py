@@ -504,60 +504,214 @@ def test_nan_skip_finishes_and_counts_the_skipped_step(nan_runs):
     report("NaN at step 6, --on-nan skip", "exit 0, train/skipped_steps 1, weights finite", seconds)
 
 
-# ------------------------------------------------------------------- one of two workers dies
+# ------------------------------------------------------------------------- two processes
+
+DIST_EPOCHS = 4  # two ranks at batch 8 on 256 images: 16 steps per epoch
+DIST_TOTAL = DIST_EPOCHS * 256 // (2 * BATCH)  # 64 steps
+STOP_SEED = 20261129
+STOPPED = re.compile(r"rank (\d)/2: stopped by (.+?) at step (\d+);")
 
 
-def test_sigkill_of_one_distributed_worker_ends_the_job_naming_the_rank(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--mixed_precision", "no"]
-    launch += ["--main_process_port", str(free_port())]
-    job = Background(
-        [
-            *launch,
-            "train.py",
-            "--data",
-            str(tiny_data),
-            "--out",
-            str(out),
-            "--batch-size",
-            str(BATCH),
-            "--epochs",
-            "50",
-            "--log-every",
-            "1",
-            "--wandb-mode",
-            "disabled",
-        ]
+def launch_two(data: Path, out: Path, *args: str) -> Background:
+    """`accelerate launch --cpu --num_processes 2 train.py` in the background, W&B off."""
+    launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return Background(
+        [*launch, "train.py", "--data", str(data), "--out", str(out), *args, "--wandb-mode", "disabled"]
     )
-    try:
-        wait_until(job, lambda: len(logged_steps(out)) >= 3, "training to start")
-        workers = {}
+
+
+def dist_args(*extra: str) -> list[str]:
+    return ["--batch-size", str(BATCH), "--log-every", "1", "--epochs", str(DIST_EPOCHS), *extra]
+
+
+def job_processes(job: Background) -> tuple[psutil.Process, dict[int, psutil.Process]]:
+    """The torchrun agent under an `accelerate launch` and its workers by rank (once both are up)."""
+    deadline = time.monotonic() + 120
+    while True:
+        agent, workers = None, {}
         for child in psutil.Process(job.proc.pid).children(recursive=True):
             try:
                 env, cmdline = child.environ(), child.cmdline()
             except psutil.Error:
                 continue
-            if "RANK" in env and "train.py" in cmdline and "torch.distributed.run" not in cmdline:
+            if "torch.distributed.run" in cmdline:
+                agent = child
+            elif "RANK" in env and "train.py" in cmdline:
                 workers[int(env["RANK"])] = child
-        assert sorted(workers) == [0, 1], workers
+        if agent is not None and sorted(workers) == [0, 1]:
+            return agent, workers
+        assert time.monotonic() < deadline, f"no agent and two workers: {agent} {workers}"
+        time.sleep(0.1)
+
+
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def gone_within(processes: list[psutil.Process], seconds: float) -> float:
+    """Seconds until none of `processes` runs any more (a zombie counts as gone); fails after `seconds`."""
+    began = time.monotonic()
+    while running(processes):
+        assert time.monotonic() - began < seconds, f"still running after {seconds} s: {running(processes)}"
+        time.sleep(0.1)
+    return time.monotonic() - began
+
+
+@pytest.fixture(scope="module")
+def dist_reference(tiny_data, tmp_path_factory):
+    """An uninterrupted two-process run. While it trains (paused meanwhile), a second run on its --out
+    (with --fresh) is refused: the lock names the holder, and the reference finishes unharmed."""
+    out = tmp_path_factory.mktemp("dist_reference") / "out"
+    job = launch_two(tiny_data, out, *dist_args())
+    try:
+        wait_until(job, lambda: len(logged_steps(out)) >= 2, "the reference to train")
+        _, workers = job_processes(job)
+        for worker in workers.values():  # paused, so that it surely holds the lock (not a race)
+            worker.suspend()
+        began = time.monotonic()
+        try:
+            refused = train("--data", str(tiny_data), "--out", str(out), *dist_args("--fresh"))
+        finally:
+            for worker in workers.values():
+                worker.resume()
+        seconds = time.monotonic() - began
+        assert job.wait(timeout=600) == 0, job.text()[-3000:]
+    finally:
+        job.stop()
+    yield out, refused, workers[0].pid, seconds
+
+
+def test_second_run_on_a_live_out_is_refused_and_the_first_finishes(dist_reference):
+    out, refused, holder_pid, seconds = dist_reference
+    line = assert_one_line_error(refused, f"--out {out} is in use by another run", f"pid {holder_pid}")
+    assert "host " in line and "use another --out" in line
+    assert train_steps(out) == list(range(1, DIST_TOTAL + 1))  # --fresh deleted nothing
+    assert (out / "train.lock").read_text() == ""  # a clean exit empties the lock
+    report("second run on a live --out", f"refused in {seconds:.0f} s: {line}", seconds)
+
+
+def test_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_bit_identically(
+    tiny_data, dist_reference, tmp_path
+):
+    """SIGUSR1 to rank 1 only, at two seeded steps off the agreement points (every 10 steps and each
+    epoch end); after each stop the same command resumes; the end equals the uninterrupted run."""
+    from ae.trainer import STOP_SYNC_EVERY
+
+    out = tmp_path / "out"
+    rng = random.Random(STOP_SEED)
+    resumed, outcomes = 0, []
+    for _ in range(2):
+        choices = [s for s in range(resumed + 3, resumed + 15) if s % STOP_SYNC_EVERY and s % 16]
+        target = rng.choice(choices)
+        job = launch_two(tiny_data, out, *dist_args())
+        try:
+            _, workers = job_processes(job)
+            wait_until(job, lambda t=target: max(logged_steps(out), default=0) >= t, f"step {target}")
+            signalled_at = max(logged_steps(out))
+            began = time.monotonic()
+            workers[1].send_signal(signal.SIGUSR1)
+            rc = job.wait(timeout=120)
+            seconds = time.monotonic() - began
+        finally:
+            job.stop()
+        stops = {int(r): (why, int(step)) for r, why, step in STOPPED.findall(job.text("out"))}
+        assert rc == 0 and seconds < 60, (rc, seconds, job.text()[-3000:])
+        assert stops.keys() == {0, 1}, job.text()[-3000:]
+        assert stops[1][0] == "SIGUSR1" and stops[0][0] == "a signal to another rank", stops
+        step = stops[0][1]
+        assert stops[1][1] == step and signalled_at <= step <= signalled_at + STOP_SYNC_EVERY + 1, stops
+        assert (step % STOP_SYNC_EVERY == 0 or step % 16 == 0) and (
+            step_dir(out, step) / "MANIFEST.json"
+        ).is_file()
+        if resumed:
+            assert f"resuming from {step_dir(out, resumed)} " in job.text("out")
+        outcomes.append(
+            f"signal at step {signalled_at}: both ranks stopped at {step}, exit 0 in {seconds:.1f} s"
+        )
+        resumed = step
+
+    final = launch_two(tiny_data, out, *dist_args())
+    assert final.wait() == 0, final.text()[-3000:]
+    assert f"resuming from {step_dir(out, resumed)} " in final.text("out")
+    reference, _, _, _ = dist_reference
+    assert same_weights(out, reference)
+    assert train_steps(out) == list(range(1, DIST_TOTAL + 1))
+    report("SIGUSR1 to rank 1 of 2", "; ".join(outcomes) + "; rerun bit-identical", 0)
+
+
+def test_killed_launcher_or_agent_leaves_no_trainer_and_the_rerun_resumes(
+    tiny_data, dist_reference, tmp_path
+):
+    """kill -9 of `accelerate launch`, then (rerun) of the torchrun agent: the workers get SIGTERM from
+    the kernel (parent death), stop together with a checkpoint and exit; a rerun resumes."""
+    from ae.checkpoint import checkpoint_dirs, problem_with
+
+    out = tmp_path / "out"
+    resumed, outcomes = 0, []
+    for victim in ("launcher", "agent"):
+        job = launch_two(tiny_data, out, *dist_args())
+        try:
+            agent, workers = job_processes(job)
+            before = max(logged_steps(out), default=0)
+            wait_until(job, lambda b=before: max(logged_steps(out), default=0) >= b + 3, "training")
+            processes = [psutil.Process(job.proc.pid), agent, *workers.values()]
+            killed_at = max(logged_steps(out))
+            (processes[0] if victim == "launcher" else agent).send_signal(signal.SIGKILL)
+            seconds = gone_within(processes, 60)
+        finally:
+            job.stop()
+        latest = checkpoint_dirs(out / "checkpoints")[0]
+        step = int(latest.name.split("_")[1])
+        assert problem_with(latest) is None and step >= killed_at, (latest, killed_at, job.text()[-3000:])
+        stops = {int(r): int(s) for r, _, s in STOPPED.findall(job.text("out"))}
+        assert stops == {0: step, 1: step}, job.text()[-3000:]
+        if victim == "agent":
+            assert f"resuming from {step_dir(out, resumed)} " in job.text("out")
+        outcomes.append(
+            f"{victim} killed at step {killed_at}: all gone in {seconds:.1f} s, checkpoint {step}"
+        )
+        resumed = step
+
+    final = launch_two(tiny_data, out, *dist_args())
+    assert final.wait() == 0, final.text()[-3000:]
+    assert f"resuming from {step_dir(out, resumed)} " in final.text("out")
+    assert same_weights(out, dist_reference[0])
+    report("kill -9 of the launcher / the agent", "; ".join(outcomes) + "; rerun bit-identical", 0)
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigkill_of_one_distributed_worker_ends_the_job_naming_the_rank(tiny_data, tmp_path, rank):
+    out = tmp_path / "out"
+    job = launch_two(tiny_data, out, *dist_args("--epochs", "50"))
+    try:
+        wait_until(job, lambda: len(logged_steps(out)) >= 3, "training to start")
+        agent, workers = job_processes(job)
         killed_at = max(logged_steps(out))
         began = time.monotonic()
-        workers[1].send_signal(signal.SIGKILL)
+        workers[rank].send_signal(signal.SIGKILL)
         rc = job.wait(timeout=180)
         seconds = time.monotonic() - began
     finally:
         job.stop()
     text = job.text()
     report(
-        "SIGKILL of rank 1 of 2",
+        f"SIGKILL of rank {rank} of 2",
         f"launcher exit {rc} {seconds:.1f} s later (killed at step {killed_at})",
         seconds,
     )
     assert rc != 0, text[-3000:]
     assert seconds < 120, text[-3000:]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), text[-3000:]
+    assert re.search(rf"rank\s*:\s*{rank} \(local_rank: {rank}\)", text), text[-3000:]
     assert "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers.values())
+    assert not running([agent, *workers.values()])
 
 
 # ------------------------------------------------------------------------- unwritable --out
