@@ -93,6 +93,14 @@ def logged_steps(out: Path) -> list[int]:
     return steps
 
 
+def took_over_from(pid: int, stderr: str) -> bool:
+    """Did the run say, in one warning line, that it took over the stale lock of the killed `pid`?"""
+    pattern = (
+        rf"^\[cae-train\] warning: taking over \S+/train\.lock from a run that is gone \(host \S+, pid {pid},"
+    )
+    return len(re.findall(pattern, stderr, re.MULTILINE)) == 1
+
+
 def train_all(*runs: list[str]) -> list[subprocess.CompletedProcess]:
     """Several independent `train(...)` runs at once, so that start-ups overlap on the cores."""
     with ThreadPoolExecutor(len(runs)) as pool:
@@ -266,6 +274,7 @@ def test_sigkill_at_five_random_steps_loses_at_most_one_interval_and_resumes_bit
     planned = [rng.randrange(lo, hi) for lo, hi in itertools.pairwise(fifths)]  # one in each fifth
     last_logged: list[int] = []  # the last step in metrics.jsonl when each kill landed
     resumed_from: list[int] = []
+    killed_pids: list[int] = []  # each killed run leaves OUT/train.lock naming it: the next run takes it over
     for i, planned_step in enumerate(planned):
         # Rows of the killed run stay in metrics.jsonl until the rerun drops them: aim past them.
         target = max(planned_step, (last_logged[-1] + 1) if last_logged else 0)
@@ -281,9 +290,12 @@ def test_sigkill_at_five_random_steps_loses_at_most_one_interval_and_resumes_bit
         assert (found is None) if i == 0 else found, proc.text()[-2000:]
         if found:
             resumed_from.append(int(found.group(2)))
+            assert took_over_from(killed_pids[-1], proc.text("err")), proc.text("err")[-2000:]
+        killed_pids.append(proc.proc.pid)
 
     final = train_in_background(*args)
     assert final.wait() == 0, final.text()[-3000:]
+    assert took_over_from(killed_pids[-1], final.text("err")), final.text("err")[-2000:]  # the stale lock
     resumed_from.append(int(RESUMED.search(final.text("out")).group(2)))
     assert f"[cae-train] done: {TOTAL} steps" in final.text("out")
 
@@ -780,6 +792,39 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_names_the_path
     assert int(failed.group(2)) > int(survivors[0].name.split("_")[1])
     assert f"previous checkpoint ({survivors[0]}) is intact" in failed.group(3)
     assert leftovers == []
+
+
+def test_disk_full_at_a_checkpoint_of_two_processes_ends_both_with_the_error(tiny_data, tmp_path):
+    """As above with two processes: the write fails on rank 0 (or on both) and every rank ends with the
+    one-line error at once, instead of rank 1 waiting in a barrier for --dist-timeout (300 s)."""
+    from ae.checkpoint import checkpoint_dirs, problem_with
+
+    out = tmp_path / "out"
+    checkpoints = out / "checkpoints"
+    with small_tmpfs(checkpoints, "1m"):
+        job = launch_two(tiny_data, out, *RECIPE, "--max-steps", "64")
+        try:
+            wait_until(job, lambda: (step_dir(out, 7) / "MANIFEST.json").is_file(), "the first checkpoint")
+            fill_up(checkpoints)
+            began = time.monotonic()
+            rc = job.wait(timeout=360)
+            seconds = time.monotonic() - began
+        finally:
+            job.stop()
+        survivors = checkpoint_dirs(checkpoints)
+        survivors_verify = all(problem_with(c) is None for c in survivors)
+        leftovers = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-"))
+    errors = [line for line in job.text("err").splitlines() if line.startswith("error: ")]
+    report(
+        "disk full at a checkpoint, 2 processes",
+        f"launcher exit {rc} {seconds:.1f} s after the fill",
+        seconds,
+    )
+    assert rc != 0 and seconds < 60, (rc, seconds, job.text()[-3000:])
+    assert len(errors) == 2 and errors[0] == errors[1], job.text()[-3000:]  # one line from each rank
+    assert re.fullmatch(r"error: could not write checkpoint \S+/step_\d{7}: .*is intact.*", errors[0]), errors
+    assert survivors and survivors_verify and leftovers == []
+    assert not (out / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------- W&B
