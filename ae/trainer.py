@@ -104,6 +104,7 @@ class Trainer:
             verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
         self.out = cfg.out
         self.checkpoints = self.out / "checkpoints"
+        self.run_lock = RunLock(self.out)
         self._prepare_out_dir()
 
         set_seed(cfg.seed)
@@ -187,7 +188,7 @@ class Trainer:
         refusal = None
         if self.accelerator.is_main_process:
             try:
-                note = RunLock(self.out).acquire()
+                note = self.run_lock.acquire()
             except UserError as err:
                 refusal = str(err)
             else:
@@ -315,6 +316,7 @@ class Trainer:
             self.logger.finish()
             if torch.distributed.is_initialized():  # every rank, not only the one that ran W&B's finish
                 torch.distributed.destroy_process_group()
+            self.run_lock.release()
             for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
 

@@ -4,7 +4,9 @@ One uninterrupted reference run (a module fixture, started in the background, ev
 gives the weights that every faulted run must end with. Faults: SIGKILL at seeded random steps;
 truncated, emptied and corrupt checkpoints; a bit-flipped or truncated beton; a NaN loss; SIGKILL of
 one of two `accelerate launch` workers; an unwritable --out; a disk that fills up mid-run; an
-unreachable W&B server. README.md (Reliability) summarises the outcomes.
+unreachable W&B server. With two processes (a second reference, `dist_reference`): SIGUSR1 to one
+rank, kill -9 of the launcher or of torchrun's agent, a second run on a live --out, a full disk.
+README.md (Reliability) summarises the outcomes.
 
 The trainer's start-up (imports, FFCV compiling its pipelines) costs ~10 s of CPU per process, so
 independent runs are started together (`train_all`) and the slow mostly-waiting runs start with the
