@@ -14,8 +14,9 @@ import time
 
 STARTED = time.perf_counter()
 
-from ae.launch import relaunch_cpu_processes_if_needed  # noqa: E402
+from ae.launch import end_with_parent, relaunch_cpu_processes_if_needed  # noqa: E402
 
+end_with_parent()  # no orphaned trainers: a launcher's child ends when the launcher does
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
 from ae.config import parse_args  # noqa: E402

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from safetensors import SafetensorError
 
+from ae.agreement import first_failure
 from ae.beton import sha256_file
 from ae.errors import UserError, warn
 from ae.files import atomic_write, fsync_path, read_json
@@ -78,17 +78,22 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save a checkpoint for `step` (every process calls this) and keep only the newest `keep`."""
+    """Save a checkpoint for `step` (every process calls this) and keep only the newest `keep`.
+
+    Each phase ends with the ranks agreeing that it worked everywhere, so a write that fails on one
+    rank (a full disk) is the same one-line error on every rank at once, not a hang in a barrier.
+    """
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
-    try:
-        if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def prepare() -> None:
+        if main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+
+    def publish() -> None:
+        if main:
             atomic_write(tmp / STATE, json.dumps(state, indent=2).encode())
             _write_manifest(tmp)
             if final.exists():
@@ -97,15 +102,17 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
             fsync_path(root)
             for old in checkpoint_dirs(root)[keep:]:
                 shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap ENOSPC
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = next((str(p) for p in checkpoint_dirs(root) if p != final), "none")
-        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
-        raise UserError(
-            f"could not write checkpoint {final}: {reason}; previous checkpoint ({previous}) is intact; "
-            "free space or fix permissions, then rerun to resume"
-        ) from None
-    accelerator.wait_for_everyone()
+
+    for phase in (prepare, lambda: accelerator.save_state(str(tmp)), publish):
+        problem = first_failure(accelerator, phase)
+        if problem is not None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = next((str(p) for p in checkpoint_dirs(root) if p != final), "none")
+            raise UserError(
+                f"could not write checkpoint {final}: {problem}; previous checkpoint ({previous}) is intact; "
+                "free space or fix permissions, then rerun to resume"
+            )
     return final
 
 

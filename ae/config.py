@@ -68,7 +68,6 @@ RANGES: dict[str, tuple[str, int, int | None]] = {
     "--keep-checkpoints": ("keep_checkpoints", 1, 1000),
     "--data-workers": ("data_workers", 1, None),
     "--dist-timeout": ("dist_timeout", 1, 7 * 24 * 3600),
-    "--inject-nan-at-step": ("inject_nan_at_step", 0, STEPS_MAX),
 }
 
 
@@ -110,7 +109,9 @@ class TrainConfig:
     verify_data: bool = True
     on_nan: str = "stop"
     dist_timeout: int = 300
-    inject_nan_at_step: int | None = field(default=None, repr=False)  # test hook
+    inject_nan_at_step: tuple[int, int | None] | None = field(
+        default=None, repr=False
+    )  # test hook: step, rank
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -127,6 +128,12 @@ def _preset_table() -> str:
         + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in ((k, RECIPES[name][k]) for k in keys))
         for name in RECIPES
     )
+
+
+def _step_and_rank(text: str) -> tuple[int, int | None]:
+    """`STEP` (every rank) or `STEP:RANK` (that rank only)."""
+    step, _, rank = text.partition(":")
+    return int(step), int(rank) if rank else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help=f"seconds before a stuck collective fails; {_range('--dist-timeout')}",
     )
-    p.add_argument("--inject-nan-at-step", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--inject-nan-at-step", type=_step_and_rank, help=argparse.SUPPRESS)  # STEP[:RANK]
     return p
 
 

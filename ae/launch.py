@@ -4,17 +4,42 @@ Accelerate starts several CPU processes only through mpirun (huggingface/acceler
 it, its simple launcher runs one process and gives it MASTER_ADDR/MASTER_PORT but no rank. When
 train.py finds itself started that way, it re-executes under torchrun with the process and machine
 counts that `accelerate launch` was given, so the processes join one gloo process group.
+
+Every process a launcher starts also ends when its parent does (`end_with_parent`): torch's elastic
+agent starts its workers in sessions of their own, so without it a killed launcher or agent leaves
+them training. The SIGTERM they get takes the usual path: an agreed stop, a checkpoint, exit 0.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from pathlib import Path
 
 import yaml
 
 _FLAGS = {"num_processes": 1, "num_machines": 1, "machine_rank": 0}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_parent() -> None:
+    """When started by a launcher (torchrun or `accelerate launch`), get SIGTERM once the parent dies.
+
+    Linux keeps this setting across exec, so it also covers the torchrun agent that
+    `relaunch_cpu_processes_if_needed` turns this process into. A trainer started by hand
+    (`python train.py`, perhaps under nohup) is left alone.
+    """
+    env = os.environ
+    if not sys.platform.startswith("linux") or not ("LOCAL_RANK" in env or "ACCELERATE_USE_CPU" in env):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _launcher_settings(argv: list[str]) -> dict[str, int]:

@@ -2,11 +2,14 @@
 
 Per step it only launches work on the device: the loss and the non-finite count are accumulated
 there and read back once every `--log-every` steps. Resuming is automatic from OUT/checkpoints/,
-and SIGUSR1/SIGTERM end the run cleanly at a step boundary with a checkpoint.
+and SIGUSR1/SIGTERM end the run cleanly at a step boundary with a checkpoint. With several
+processes every decision that changes what a rank does next (stop, skip a step, a failed write) is
+one value the ranks agree on (`ae.agreement`); a signal to one rank is only a request until then.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -30,6 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ae import checkpoint
+from ae.agreement import any_rank, first_failure, first_message
 from ae.beton import SPLITS, BetonFile, beton_path, load_manifest, verify_beton
 from ae.config import TrainConfig, check_batch_size, free_memory
 from ae.data import (
@@ -44,6 +48,7 @@ from ae.data import (
 from ae.errors import UserError, warn
 from ae.fast import CudaGraphStep, choose_step_path
 from ae.files import atomic_write
+from ae.lock import RunLock
 from ae.metrics import (
     bce_loss,
     class_sums,
@@ -61,7 +66,7 @@ from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
 
 GRID_IMAGES = 16
 RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
-STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (several processes only)
+STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (also at each epoch end)
 RECIPE_KEYS = (
     "lr",
     "batch_size",
@@ -100,6 +105,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' bytes in name order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, started: float | None = None):
         """`started`: the process's perf_counter() at start, to report the start-up time."""
@@ -107,7 +121,8 @@ class Trainer:
         # Start-up phases, each (name, perf_counter() at its end); reported with the summary.
         self.startup = [("started", started if started is not None else time.perf_counter())]
         self._mark("imports")
-        self.stop_signal: str | None = None
+        self.stop_requested: str | None = None  # a signal this process received: a request only
+        self.stop_reason: str | None = None  # agreed by every rank: all of them stop at this step
         self.previous_handlers = {
             sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)
         }
@@ -143,6 +158,7 @@ class Trainer:
         )
         self.out = cfg.out
         self.checkpoints = self.out / "checkpoints"
+        self.run_lock = RunLock(self.out)
         self._prepare_out_dir()
         self._mark("data check")
 
@@ -244,6 +260,7 @@ class Trainer:
         # Device-side accumulators, read back only at log time.
         self.loss_sum = torch.zeros((), device=self.device)
         self.bad_steps = torch.zeros((), device=self.device)
+        self.skipped_since_read = torch.zeros((), device=self.device)  # --on-nan skip; same on all ranks
         self.first_bad_step = torch.full((), -1.0, device=self.device)
         self.step_tensor = torch.full((), float(self.step), device=self.device)
         self._mark("resume, W&B")
@@ -291,12 +308,28 @@ class Trainer:
             raise UserError(
                 f"--out {self.out} is not writable ({err.strerror}): choose another folder"
             ) from None
+        self._lock_out_dir()
         if self.cfg.fresh and self.accelerator.is_main_process:
             for name in ("checkpoints", "reconstructions", "wandb"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
             for name in ("metrics.jsonl", "model.safetensors", "wandb_run_id.txt"):
                 (self.out / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def _lock_out_dir(self) -> None:
+        """One live run per --out: the main process takes OUT/train.lock; every rank stops if it is refused."""
+        refusal = None
+        if self.accelerator.is_main_process:
+            try:
+                note = self.run_lock.acquire()
+            except UserError as err:
+                refusal = str(err)
+            else:
+                if note:
+                    warn(note)
+        refusal = first_message(self.accelerator, refusal)
+        if refusal:
+            raise UserError(refusal)
 
     def _resume(self) -> None:
         if self.cfg.fresh:
@@ -396,7 +429,7 @@ class Trainer:
         )
         self._start_window()
         try:
-            while self.step < self.total_steps and not self.stop_signal:
+            while self.step < self.total_steps and not self.stop_reason:
                 epoch_index, start_batch = divmod(self.step, self.steps_per_epoch)
                 # FFCV-fed, the next batch is taken only once the previous one's copy is done, which
                 # bounds how far the host runs ahead of the GPU (ae.data.stream_batches says why).
@@ -408,16 +441,16 @@ class Trainer:
                         progress.update(1)
                         if self._after_step():
                             break
-                if self.step % self.steps_per_epoch == 0 and not self.stop_signal:
+                if self.step % self.steps_per_epoch == 0 and not self.stop_reason:
                     self._evaluate()
                     self._save_checkpoint()
-            if self.stop_signal:
+            if self.stop_reason:
                 self._save_checkpoint()
-                if acc.is_main_process:
-                    _say(
-                        f"stopped by {self.stop_signal} at step {self.step}; checkpoint saved in "
-                        f"{self.checkpoints}. Rerun the same command to resume."
-                    )
+                _say(
+                    (f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else "")
+                    + f"stopped by {self.stop_reason} at step {self.step}; checkpoint saved in "
+                    f"{self.checkpoints}. Rerun the same command to resume."
+                )
                 return
             if already_complete:  # report, but do not log the same step again
                 _say(
@@ -428,18 +461,23 @@ class Trainer:
             self._save_checkpoint()
             self._save_model()
             self._per_class()
+            progress.close()  # before the summary line, so the bar's last update does not follow it
             self._summary(time.perf_counter() - started)
         finally:
             progress.close()
             self.logger.finish()
+            if torch.distributed.is_initialized():  # every rank, not only the one that ran W&B's finish
+                torch.distributed.destroy_process_group()
+            self.run_lock.release()
             for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
-        if not self.stop_signal:
-            self.stop_signal = signal.Signals(signum).name
+        """A signal only records a request; the ranks act on it together (`_agree_on_stop`)."""
+        if not self.stop_requested:
+            self.stop_requested = signal.Signals(signum).name
             print(
-                f"[cae-train] {self.stop_signal} received: finishing the step and saving a checkpoint",
+                f"[cae-train] {self.stop_requested} received: stopping at the next agreed step with a checkpoint",
                 flush=True,
             )
 
@@ -448,9 +486,9 @@ class Trainer:
         cfg, step = self.cfg, self.step
         if step % cfg.log_every == 0 or step == self.total_steps:
             self._log_train()
-        if self.world_size > 1 and step % STOP_SYNC_EVERY == 0:
+        if self.world_size == 1 or step % STOP_SYNC_EVERY == 0 or step % self.steps_per_epoch == 0:
             self._agree_on_stop()
-        if self.stop_signal:
+        if self.stop_reason:
             return True
         if cfg.eval_every and step % cfg.eval_every == 0:
             self._evaluate()
@@ -459,10 +497,9 @@ class Trainer:
         return step >= self.total_steps
 
     def _agree_on_stop(self) -> None:
-        """All ranks stop at the same step if any of them received a signal."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        if self.accelerator.reduce(flag, "sum").item() > 0 and not self.stop_signal:
-            self.stop_signal = "a signal to another rank"
+        """Every rank stops at this step if any of them was asked to (one all-reduce every few steps)."""
+        if not self.stop_reason and any_rank(self.accelerator, self.stop_requested is not None):
+            self.stop_reason = self.stop_requested or "a signal to another rank"
 
     def _train_step(self, images: torch.Tensor) -> None:
         self.step += 1
@@ -499,11 +536,18 @@ class Trainer:
         with self.accelerator.autocast():
             logits = self.forward(inputs)
         loss = bce_loss(logits, clean)
-        if self.step == self.cfg.inject_nan_at_step:
+        inject = self.cfg.inject_nan_at_step
+        if inject is not None and inject[0] == self.step and inject[1] in (None, self.rank):
             loss = loss * float("nan")
         self.accelerator.backward(loss)
         if self.cfg.on_nan == "skip":
-            self._guarded_optimizer_step(torch.isfinite(loss))
+            # Decide from the gradients, which DDP has averaged over the ranks: a NaN on one rank is a
+            # NaN on all, so every rank skips the same steps and the replicas stay identical.
+            finite = torch.stack(
+                [torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None]
+            ).all()
+            self.skipped_since_read += ~finite
+            self._guarded_optimizer_step(finite)
         else:
             self.optimizer.step()
         return loss.detach()
@@ -558,7 +602,7 @@ class Trainer:
         steps = self.step - self.window_first_step
         loss_sum = self.accelerator.reduce(self.loss_sum.clone(), "sum").item()
         bad_steps = self._count_nonfinite_steps()
-        self.skipped_steps += bad_steps
+        self._count_skipped_steps()
         seconds = self.window_seconds
         self.train_seconds += seconds
         finite_steps = steps * self.world_size - bad_steps
@@ -579,6 +623,12 @@ class Trainer:
         self.bad_steps.zero_()
         self.first_bad_step.fill_(-1.0)
         self._start_window()
+
+    def _count_skipped_steps(self) -> None:
+        """Fold the device's count of skipped steps into `skipped_steps` (the ranks' counts are equal)."""
+        if self.cfg.on_nan == "skip":
+            self.skipped_steps += int(self.skipped_since_read.item())
+            self.skipped_since_read.zero_()
 
     def _count_nonfinite_steps(self) -> int:
         """Steps with a non-finite loss since the last log, over all ranks; `--on-nan stop` ends the run."""
@@ -641,6 +691,7 @@ class Trainer:
             return
         self._pause_window()
         self._count_nonfinite_steps()  # with --on-nan stop, never checkpoint non-finite weights
+        self._count_skipped_steps()
         state = {
             "step": self.step,
             "epoch": self._epoch_of(self.step),
@@ -656,13 +707,22 @@ class Trainer:
     def _save_model(self) -> None:
         """The final weights, as OUT/model.safetensors (written atomically by the main process)."""
         acc = self.accelerator
+        weights = {
+            k: v.detach().float().cpu().contiguous()
+            for k, v in acc.unwrap_model(self.model).state_dict().items()
+        }
+        if self.world_size > 1:  # each rank's own weights, so that diverged replicas show
+            _say(f"rank {self.rank}/{self.world_size}: final weights sha256 {weights_digest(weights)}")
+        path = self.out / "model.safetensors"
+
+        def write() -> None:
+            if acc.is_main_process:
+                atomic_write(path, safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}))
+
+        problem = first_failure(acc, write)
+        if problem is not None:
+            raise UserError(f"could not write {path}: {problem}; free space, then rerun")
         if acc.is_main_process:
-            weights = {
-                k: v.detach().float().cpu().contiguous()
-                for k, v in acc.unwrap_model(self.model).state_dict().items()
-            }
-            path = self.out / "model.safetensors"
-            atomic_write(path, safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}))
             metadata = {
                 "recipe": self.recipe,
                 "step": self.step,
@@ -671,7 +731,6 @@ class Trainer:
                 "data_sha256": {split: self.manifest["splits"][split]["sha256"] for split in SPLITS},
             }
             self.logger.log_model(path, metadata, self.step)
-        acc.wait_for_everyone()
 
     def _per_class(self) -> None:
         """PSNR and BCE per class over the evaluation images (test, or val with --val-split), at the

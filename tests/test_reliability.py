@@ -4,7 +4,9 @@ One uninterrupted reference run (a module fixture, started in the background, ev
 gives the weights that every faulted run must end with. Faults: SIGKILL at seeded random steps;
 truncated, emptied and corrupt checkpoints; a bit-flipped or truncated beton; a NaN loss; SIGKILL of
 one of two `accelerate launch` workers; an unwritable --out; a disk that fills up mid-run; an
-unreachable W&B server. README.md (Reliability) summarises the outcomes.
+unreachable W&B server. With two processes (a second reference, `dist_reference`): SIGUSR1 to one
+rank, kill -9 of the launcher or of torchrun's agent, a second run on a live --out, a full disk.
+README.md (Reliability) summarises the outcomes.
 
 The trainer's start-up (imports, FFCV compiling its pipelines) costs ~10 s of CPU per process, so
 independent runs are started together (`train_all`) and the slow mostly-waiting runs start with the
@@ -91,6 +93,14 @@ def logged_steps(out: Path) -> list[int]:
         if "train/loss" in row:
             steps.append(row["step"])
     return steps
+
+
+def took_over_from(pid: int, stderr: str) -> bool:
+    """Did the run say, in one warning line, that it took over the stale lock of the killed `pid`?"""
+    pattern = (
+        rf"^\[cae-train\] warning: taking over \S+/train\.lock from a run that is gone \(host \S+, pid {pid},"
+    )
+    return len(re.findall(pattern, stderr, re.MULTILINE)) == 1
 
 
 def train_all(*runs: list[str]) -> list[subprocess.CompletedProcess]:
@@ -266,6 +276,7 @@ def test_sigkill_at_five_random_steps_loses_at_most_one_interval_and_resumes_bit
     planned = [rng.randrange(lo, hi) for lo, hi in itertools.pairwise(fifths)]  # one in each fifth
     last_logged: list[int] = []  # the last step in metrics.jsonl when each kill landed
     resumed_from: list[int] = []
+    killed_pids: list[int] = []  # each killed run leaves OUT/train.lock naming it: the next run takes it over
     for i, planned_step in enumerate(planned):
         # Rows of the killed run stay in metrics.jsonl until the rerun drops them: aim past them.
         target = max(planned_step, (last_logged[-1] + 1) if last_logged else 0)
@@ -281,9 +292,12 @@ def test_sigkill_at_five_random_steps_loses_at_most_one_interval_and_resumes_bit
         assert (found is None) if i == 0 else found, proc.text()[-2000:]
         if found:
             resumed_from.append(int(found.group(2)))
+            assert took_over_from(killed_pids[-1], proc.text("err")), proc.text("err")[-2000:]
+        killed_pids.append(proc.proc.pid)
 
     final = train_in_background(*args)
     assert final.wait() == 0, final.text()[-3000:]
+    assert took_over_from(killed_pids[-1], final.text("err")), final.text("err")[-2000:]  # the stale lock
     resumed_from.append(int(RESUMED.search(final.text("out")).group(2)))
     assert f"[cae-train] done: {TOTAL} steps" in final.text("out")
 
@@ -504,60 +518,214 @@ def test_nan_skip_finishes_and_counts_the_skipped_step(nan_runs):
     report("NaN at step 6, --on-nan skip", "exit 0, train/skipped_steps 1, weights finite", seconds)
 
 
-# ------------------------------------------------------------------- one of two workers dies
+# ------------------------------------------------------------------------- two processes
+
+DIST_EPOCHS = 4  # two ranks at batch 8 on 256 images: 16 steps per epoch
+DIST_TOTAL = DIST_EPOCHS * 256 // (2 * BATCH)  # 64 steps
+STOP_SEED = 20261129
+STOPPED = re.compile(r"rank (\d)/2: stopped by (.+?) at step (\d+);")
 
 
-def test_sigkill_of_one_distributed_worker_ends_the_job_naming_the_rank(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--mixed_precision", "no"]
-    launch += ["--main_process_port", str(free_port())]
-    job = Background(
-        [
-            *launch,
-            "train.py",
-            "--data",
-            str(tiny_data),
-            "--out",
-            str(out),
-            "--batch-size",
-            str(BATCH),
-            "--epochs",
-            "50",
-            "--log-every",
-            "1",
-            "--wandb-mode",
-            "disabled",
-        ]
+def launch_two(data: Path, out: Path, *args: str) -> Background:
+    """`accelerate launch --cpu --num_processes 2 train.py` in the background, W&B off."""
+    launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return Background(
+        [*launch, "train.py", "--data", str(data), "--out", str(out), *args, "--wandb-mode", "disabled"]
     )
-    try:
-        wait_until(job, lambda: len(logged_steps(out)) >= 3, "training to start")
-        workers = {}
+
+
+def dist_args(*extra: str) -> list[str]:
+    return ["--batch-size", str(BATCH), "--log-every", "1", "--epochs", str(DIST_EPOCHS), *extra]
+
+
+def job_processes(job: Background) -> tuple[psutil.Process, dict[int, psutil.Process]]:
+    """The torchrun agent under an `accelerate launch` and its workers by rank (once both are up)."""
+    deadline = time.monotonic() + 120
+    while True:
+        agent, workers = None, {}
         for child in psutil.Process(job.proc.pid).children(recursive=True):
             try:
                 env, cmdline = child.environ(), child.cmdline()
             except psutil.Error:
                 continue
-            if "RANK" in env and "train.py" in cmdline and "torch.distributed.run" not in cmdline:
+            if "torch.distributed.run" in cmdline:
+                agent = child
+            elif "RANK" in env and "train.py" in cmdline:
                 workers[int(env["RANK"])] = child
-        assert sorted(workers) == [0, 1], workers
+        if agent is not None and sorted(workers) == [0, 1]:
+            return agent, workers
+        assert time.monotonic() < deadline, f"no agent and two workers: {agent} {workers}"
+        time.sleep(0.1)
+
+
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def gone_within(processes: list[psutil.Process], seconds: float) -> float:
+    """Seconds until none of `processes` runs any more (a zombie counts as gone); fails after `seconds`."""
+    began = time.monotonic()
+    while running(processes):
+        assert time.monotonic() - began < seconds, f"still running after {seconds} s: {running(processes)}"
+        time.sleep(0.1)
+    return time.monotonic() - began
+
+
+@pytest.fixture(scope="module")
+def dist_reference(tiny_data, tmp_path_factory):
+    """An uninterrupted two-process run. While it trains (paused meanwhile), a second run on its --out
+    (with --fresh) is refused: the lock names the holder, and the reference finishes unharmed."""
+    out = tmp_path_factory.mktemp("dist_reference") / "out"
+    job = launch_two(tiny_data, out, *dist_args())
+    try:
+        wait_until(job, lambda: len(logged_steps(out)) >= 2, "the reference to train")
+        _, workers = job_processes(job)
+        for worker in workers.values():  # paused, so that it surely holds the lock (not a race)
+            worker.suspend()
+        began = time.monotonic()
+        try:
+            refused = train("--data", str(tiny_data), "--out", str(out), *dist_args("--fresh"))
+        finally:
+            for worker in workers.values():
+                worker.resume()
+        seconds = time.monotonic() - began
+        assert job.wait(timeout=600) == 0, job.text()[-3000:]
+    finally:
+        job.stop()
+    yield out, refused, workers[0].pid, seconds
+
+
+def test_second_run_on_a_live_out_is_refused_and_the_first_finishes(dist_reference):
+    out, refused, holder_pid, seconds = dist_reference
+    line = assert_one_line_error(refused, f"--out {out} is in use by another run", f"pid {holder_pid}")
+    assert "host " in line and "use another --out" in line
+    assert train_steps(out) == list(range(1, DIST_TOTAL + 1))  # --fresh deleted nothing
+    assert (out / "train.lock").read_text() == ""  # a clean exit empties the lock
+    report("second run on a live --out", f"refused in {seconds:.0f} s: {line}", seconds)
+
+
+def test_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_bit_identically(
+    tiny_data, dist_reference, tmp_path
+):
+    """SIGUSR1 to rank 1 only, at two seeded steps off the agreement points (every 10 steps and each
+    epoch end); after each stop the same command resumes; the end equals the uninterrupted run."""
+    from ae.trainer import STOP_SYNC_EVERY
+
+    out = tmp_path / "out"
+    rng = random.Random(STOP_SEED)
+    resumed, outcomes = 0, []
+    for _ in range(2):
+        choices = [s for s in range(resumed + 3, resumed + 15) if s % STOP_SYNC_EVERY and s % 16]
+        target = rng.choice(choices)
+        job = launch_two(tiny_data, out, *dist_args())
+        try:
+            _, workers = job_processes(job)
+            wait_until(job, lambda t=target: max(logged_steps(out), default=0) >= t, f"step {target}")
+            signalled_at = max(logged_steps(out))
+            began = time.monotonic()
+            workers[1].send_signal(signal.SIGUSR1)
+            rc = job.wait(timeout=120)
+            seconds = time.monotonic() - began
+        finally:
+            job.stop()
+        stops = {int(r): (why, int(step)) for r, why, step in STOPPED.findall(job.text("out"))}
+        assert rc == 0 and seconds < 60, (rc, seconds, job.text()[-3000:])
+        assert stops.keys() == {0, 1}, job.text()[-3000:]
+        assert stops[1][0] == "SIGUSR1" and stops[0][0] == "a signal to another rank", stops
+        step = stops[0][1]
+        assert stops[1][1] == step and signalled_at <= step <= signalled_at + STOP_SYNC_EVERY + 1, stops
+        assert (step % STOP_SYNC_EVERY == 0 or step % 16 == 0) and (
+            step_dir(out, step) / "MANIFEST.json"
+        ).is_file()
+        if resumed:
+            assert f"resuming from {step_dir(out, resumed)} " in job.text("out")
+        outcomes.append(
+            f"signal at step {signalled_at}: both ranks stopped at {step}, exit 0 in {seconds:.1f} s"
+        )
+        resumed = step
+
+    final = launch_two(tiny_data, out, *dist_args())
+    assert final.wait() == 0, final.text()[-3000:]
+    assert f"resuming from {step_dir(out, resumed)} " in final.text("out")
+    reference, _, _, _ = dist_reference
+    assert same_weights(out, reference)
+    assert train_steps(out) == list(range(1, DIST_TOTAL + 1))
+    report("SIGUSR1 to rank 1 of 2", "; ".join(outcomes) + "; rerun bit-identical", 0)
+
+
+def test_killed_launcher_or_agent_leaves_no_trainer_and_the_rerun_resumes(
+    tiny_data, dist_reference, tmp_path
+):
+    """kill -9 of `accelerate launch`, then (rerun) of the torchrun agent: the workers get SIGTERM from
+    the kernel (parent death), stop together with a checkpoint and exit; a rerun resumes."""
+    from ae.checkpoint import checkpoint_dirs, problem_with
+
+    out = tmp_path / "out"
+    resumed, outcomes = 0, []
+    for victim in ("launcher", "agent"):
+        job = launch_two(tiny_data, out, *dist_args())
+        try:
+            agent, workers = job_processes(job)
+            before = max(logged_steps(out), default=0)
+            wait_until(job, lambda b=before: max(logged_steps(out), default=0) >= b + 3, "training")
+            processes = [psutil.Process(job.proc.pid), agent, *workers.values()]
+            killed_at = max(logged_steps(out))
+            (processes[0] if victim == "launcher" else agent).send_signal(signal.SIGKILL)
+            seconds = gone_within(processes, 60)
+        finally:
+            job.stop()
+        latest = checkpoint_dirs(out / "checkpoints")[0]
+        step = int(latest.name.split("_")[1])
+        assert problem_with(latest) is None and step >= killed_at, (latest, killed_at, job.text()[-3000:])
+        stops = {int(r): int(s) for r, _, s in STOPPED.findall(job.text("out"))}
+        assert stops == {0: step, 1: step}, job.text()[-3000:]
+        if victim == "agent":
+            assert f"resuming from {step_dir(out, resumed)} " in job.text("out")
+        outcomes.append(
+            f"{victim} killed at step {killed_at}: all gone in {seconds:.1f} s, checkpoint {step}"
+        )
+        resumed = step
+
+    final = launch_two(tiny_data, out, *dist_args())
+    assert final.wait() == 0, final.text()[-3000:]
+    assert f"resuming from {step_dir(out, resumed)} " in final.text("out")
+    assert same_weights(out, dist_reference[0])
+    report("kill -9 of the launcher / the agent", "; ".join(outcomes) + "; rerun bit-identical", 0)
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigkill_of_one_distributed_worker_ends_the_job_naming_the_rank(tiny_data, tmp_path, rank):
+    out = tmp_path / "out"
+    job = launch_two(tiny_data, out, *dist_args("--epochs", "50"))
+    try:
+        wait_until(job, lambda: len(logged_steps(out)) >= 3, "training to start")
+        agent, workers = job_processes(job)
         killed_at = max(logged_steps(out))
         began = time.monotonic()
-        workers[1].send_signal(signal.SIGKILL)
+        workers[rank].send_signal(signal.SIGKILL)
         rc = job.wait(timeout=180)
         seconds = time.monotonic() - began
     finally:
         job.stop()
     text = job.text()
     report(
-        "SIGKILL of rank 1 of 2",
+        f"SIGKILL of rank {rank} of 2",
         f"launcher exit {rc} {seconds:.1f} s later (killed at step {killed_at})",
         seconds,
     )
     assert rc != 0, text[-3000:]
     assert seconds < 120, text[-3000:]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), text[-3000:]
+    assert re.search(rf"rank\s*:\s*{rank} \(local_rank: {rank}\)", text), text[-3000:]
     assert "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers.values())
+    assert not running([agent, *workers.values()])
 
 
 # ------------------------------------------------------------------------- unwritable --out
@@ -626,6 +794,39 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_names_the_path
     assert int(failed.group(2)) > int(survivors[0].name.split("_")[1])
     assert f"previous checkpoint ({survivors[0]}) is intact" in failed.group(3)
     assert leftovers == []
+
+
+def test_disk_full_at_a_checkpoint_of_two_processes_ends_both_with_the_error(tiny_data, tmp_path):
+    """As above with two processes: the write fails on rank 0 (or on both) and every rank ends with the
+    one-line error at once, instead of rank 1 waiting in a barrier for --dist-timeout (300 s)."""
+    from ae.checkpoint import checkpoint_dirs, problem_with
+
+    out = tmp_path / "out"
+    checkpoints = out / "checkpoints"
+    with small_tmpfs(checkpoints, "1m"):
+        job = launch_two(tiny_data, out, *RECIPE, "--max-steps", "64")
+        try:
+            wait_until(job, lambda: (step_dir(out, 7) / "MANIFEST.json").is_file(), "the first checkpoint")
+            fill_up(checkpoints)
+            began = time.monotonic()
+            rc = job.wait(timeout=360)
+            seconds = time.monotonic() - began
+        finally:
+            job.stop()
+        survivors = checkpoint_dirs(checkpoints)
+        survivors_verify = all(problem_with(c) is None for c in survivors)
+        leftovers = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-"))
+    errors = [line for line in job.text("err").splitlines() if line.startswith("error: ")]
+    report(
+        "disk full at a checkpoint, 2 processes",
+        f"launcher exit {rc} {seconds:.1f} s after the fill",
+        seconds,
+    )
+    assert rc != 0 and seconds < 60, (rc, seconds, job.text()[-3000:])
+    assert len(errors) == 2 and errors[0] == errors[1], job.text()[-3000:]  # one line from each rank
+    assert re.fullmatch(r"error: could not write checkpoint \S+/step_\d{7}: .*is intact.*", errors[0]), errors
+    assert survivors and survivors_verify and leftovers == []
+    assert not (out / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------- W&B
