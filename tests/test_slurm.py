@@ -308,6 +308,7 @@ def early(request, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
         lambda out: train_args(tiny_data, out, "--batch-size", "0"),
     )
     if "test_bare_sbatch_trains_with_the_default_paths" in selected:
+        jobs = request.getfixturevalue("jobs")
         clone = _repository_copy(tmp / "clone")
         shutil.copytree(tiny_data, clone / "data" / "cifar10")
         job = jobs.cluster.sbatch(["slurm/train.sh"], env={**jobs.env, "WANDB_MODE": "offline"}, cwd=clone)
@@ -414,6 +415,7 @@ def check_preemption(jobs: Jobs, s: Submitted) -> str:
     assert re.search(r"job \d+ \(cae-train\) restart 1 on", log), log[-6000:]
     stopped = stop_steps(log)
     assert stopped and 5 <= stopped[0] < PREEMPT_STEPS, log[-6000:]
+    assert stopped[:2] == [stopped[0]] * 2, log[-6000:]  # both ranks stopped at one agreed step
     assert f"checkpoint at step {stopped[0]} saved after SIGUSR1 (this start began at step 0)" in log
     assert f"resuming from {out}/checkpoints/step_{stopped[0]:07d}" in log, log[-6000:]
 
@@ -447,7 +449,8 @@ def test_cgroup_checkpoint_lands_before_the_time_limit(cgroup_jobs, early):
     print(f"time-limit job {s.job}: {facts}\n{log}")
     first = log.split("restart 1 on", 1)[0]
     assert "caught SIGUSR1" in first, log[-6000:]
-    (step,) = facts["first_stop"]
+    step = facts["first_stop"][0]
+    assert facts["first_stop"] == [step] * 2, log[-6000:]  # both ranks stopped at one agreed step
     assert f"checkpoint at step {step} saved after SIGUSR1 (this start began at step 0); requeueing" in first
     assert "has not exited" not in first, log[-6000:]  # it stopped by itself, well inside the budget
     checkpoint = s.out / "checkpoints" / f"step_{step:07d}"
