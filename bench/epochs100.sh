@@ -67,18 +67,13 @@ import re
 import sys
 from pathlib import Path
 
+from bench.run_metrics import metrics_rows, training_seconds
+
 out, log, started, ended = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 target_s, target_psnr, tolerance, strict = float(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]), sys.argv[8] == "1"
-rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-train = sorted((r for r in rows if "train/step_time_ms" in r), key=lambda r: r["step"])
-windows, previous = [], 0
-for r in train:
-    windows.append((r["step"] - previous, r["train/step_time_ms"]))
-    previous = r["step"]
-train_s = sum(steps * ms for steps, ms in windows) / 1000.0
-# The first window holds compile / CUDA-graph capture: its time beyond the median window's pace.
-steady_ms = sorted(ms for _, ms in windows)[len(windows) // 2]
-warmup_s = max(0.0, windows[0][0] * (windows[0][1] - steady_ms) / 1000.0)
+rows = metrics_rows(out)
+train_s, warmup_s = training_seconds(out)
+previous = max(r["step"] for r in rows if "train/step_time_ms" in r)
 psnr = [r["test/psnr_db"] for r in rows if "test/psnr_db" in r][-1]
 done = [line for line in log.read_text().splitlines() if "[cae-train] done:" in line]
 fit_wall = None

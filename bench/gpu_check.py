@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import throughput  # noqa: E402
+from bench.run_metrics import metrics_rows, training_seconds  # noqa: E402
 
 LOSS_RTOL = 0.02  # train-loss windows (mean of 10 steps): TF32, cuDNN's atomics and kernel choice
 PSNR_TOL_DB = 0.05  # final test PSNR after a stop and rerun, against the uninterrupted run
@@ -138,10 +139,6 @@ def run_logged(argv: list[str], out: Path, timeout: float) -> subprocess.Complet
     return result
 
 
-def metrics_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def loss_windows(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in metrics_rows(out) if "train/loss" in r]
 
@@ -163,18 +160,6 @@ def worst_relative_gap(a: list[tuple[int, float]], b: list[tuple[int, float]]) -
     if not common:
         raise RuntimeError("the two runs share no logged step")
     return max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in common)
-
-
-def training_seconds(out: Path) -> tuple[float, float]:
-    """(training seconds from the step windows, of which first-window warm-up beyond the median pace)."""
-    train = sorted((r for r in metrics_rows(out) if "train/step_time_ms" in r), key=lambda r: r["step"])
-    windows, previous = [], 0
-    for r in train:
-        windows.append((r["step"] - previous, r["train/step_time_ms"]))
-        previous = r["step"]
-    total = sum(steps * ms for steps, ms in windows) / 1000.0
-    median = sorted(ms for _, ms in windows)[len(windows) // 2]
-    return total, max(0.0, windows[0][0] * (windows[0][1] - median) / 1000.0)
 
 
 # ---------------------------------------------------------------------------------------- checks
