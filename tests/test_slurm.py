@@ -350,8 +350,8 @@ def rank_lines(log: str) -> list[tuple[int, int, int]]:
 
 
 def stop_steps(log: str) -> list[int]:
-    """The steps of the trainers' `stopped by SIG... at step N` lines, in order."""
-    return [int(n) for n in re.findall(r"stopped by \S+ at step (\d+)", log)]
+    """The steps of the trainers' `stopped by SIG... at step N` lines (one per rank), in order."""
+    return [int(n) for n in re.findall(r"stopped by [^\n]+? at step (\d+)", log)]
 
 
 def train_steps(out: Path, key: str = "train/loss") -> list[int]:
