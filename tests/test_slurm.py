@@ -261,7 +261,10 @@ def early(request, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
         "time_limit",
         ["--nodes=2", "--time=15", f"--signal=B:USR1@{TIME_LIMIT_LEAD_S}"],
         "slurm/train.sh",
-        lambda out: train_args(tiny_data, out, "--max-steps", "100000", "--log-every", "1"),
+        # Keep every checkpoint: the test looks for the one from the time-limit stop after the restart.
+        lambda out: train_args(
+            tiny_data, out, "--max-steps", "100000", "--log-every", "1", "--keep-checkpoints", "1000"
+        ),
         users=("test_cgroup_checkpoint_lands_before_the_time_limit", "test_cgroup_scancel_cancels_for_good"),
         cgroup=True,
         steer=_steer_time_limit_then_scancel,
