@@ -486,8 +486,9 @@ def test_cgroup_scancel_cancels_for_good(cgroup_jobs, early):
 
 
 def test_cgroup_time_shorter_than_the_warning_does_not_requeue(cgroup_jobs, early):
-    """--time=1 with the script's 300 s warning: USR1 comes before any step; no new checkpoint, so the
-    job fails with one line instead of requeueing forever."""
+    """--time=1 with the script's 300 s warning: USR1 comes at once, before a checkpoint can land in the
+    time left; no new checkpoint, so the job fails with one line instead of requeueing forever. (Whether
+    a few steps ran first depends on how fast the trainers start: not asserted.)"""
     name = "test_cgroup_time_shorter_than_the_warning_does_not_requeue"
     jobs, s = cgroup_job(cgroup_jobs, early, name)
     info = jobs.wait(s.job, timeout=JOB_TIMEOUT)
@@ -498,7 +499,6 @@ def test_cgroup_time_shorter_than_the_warning_does_not_requeue(cgroup_jobs, earl
     assert info.state in ("FAILED", "TIMEOUT") and info.restarts == 0, (str(info), log[-6000:])
     assert "caught SIGUSR1" in log, log[-6000:]
     assert "error: no new checkpoint since this start (step 0): not requeueing" in log, log[-6000:]
-    assert train_steps(s.out) == [], log[-6000:]
 
 
 def test_two_node_run(jobs, early):
