@@ -428,7 +428,6 @@ class Trainer:
             mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
         )
         self._start_window()
-        ended_together = False  # every rank got to the end of the run without an error
         try:
             while self.step < self.total_steps and not self.stop_reason:
                 epoch_index, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -452,7 +451,6 @@ class Trainer:
                     + f"stopped by {self.stop_reason} at step {self.step}; checkpoint saved in "
                     f"{self.checkpoints}. Rerun the same command to resume."
                 )
-                ended_together = True
                 return
             if already_complete:  # report, but do not log the same step again
                 _say(
@@ -465,15 +463,10 @@ class Trainer:
             self._per_class()
             progress.close()  # before the summary line, so the bar's last update does not follow it
             self._summary(time.perf_counter() - started)
-            ended_together = True
         finally:
             progress.close()
             self.logger.finish()
             if torch.distributed.is_initialized():  # every rank, not only the one that ran W&B's finish
-                if ended_together:
-                    # Tear the group down together: a rank that destroyed it while rank 0 was still
-                    # finishing W&B was seen to abort at exit (SIGABRT from a joinable gloo thread).
-                    self.accelerator.wait_for_everyone()
                 torch.distributed.destroy_process_group()
             self.run_lock.release()
             for sig, handler in self.previous_handlers.items():
