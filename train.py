@@ -14,7 +14,11 @@ import time
 
 STARTED = time.perf_counter()
 
-from ae.launch import end_with_parent, relaunch_cpu_processes_if_needed  # noqa: E402
+from ae.launch import (  # noqa: E402
+    end_with_parent,
+    exit_without_finalizing,
+    relaunch_cpu_processes_if_needed,
+)
 
 end_with_parent()  # no orphaned trainers: a launcher's child ends when the launcher does
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
@@ -40,3 +44,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing()  # a finished run is not failed by gloo's threads at interpreter exit

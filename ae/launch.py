@@ -42,6 +42,22 @@ def end_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def exit_without_finalizing() -> None:
+    """End a launched trainer that has finished its run, skipping the interpreter's teardown.
+
+    By now every output is written and renamed into place, W&B is finished and the process group
+    destroyed. What is left is CPython's finalization, during which gloo's C++ worker threads can
+    still drop tensors and abort the process ("terminate called without an active exception",
+    pytorch/pytorch#179291): a finished run would then fail for its launcher. A trainer started by
+    hand exits normally.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _launcher_settings(argv: list[str]) -> dict[str, int]:
     """num_processes, num_machines and machine_rank from `accelerate launch` flags or its --config_file."""
     settings = dict(_FLAGS)

@@ -12,7 +12,8 @@ Correctness:
                   The same epoch through FFCV's plain iterator (the old way: non_blocking copies, no
                   bound) is reported, to show that the check can see the race.
   graph_vs_eager  300 steps from one seed, the default (CUDA graph) against --no-fast: train-loss
-                  windows within LOSS_RTOL (one run per entry of GRAPH_VS_EAGER_VARIANTS).
+                  windows within LOSS_RTOL and the same train/lr (one run pair per entry of
+                  GRAPH_VS_EAGER_VARIANTS: the constant lr, and onecycle as the fast recipe has it).
   bf16            bf16 eager and bf16 with the graph: the loss falls and the weights stay finite.
   compile         --compile runs 100 steps, loss finite.
   resume          SIGUSR1 mid-run and a rerun: final test PSNR within PSNR_TOL_DB and train-loss
@@ -67,9 +68,12 @@ TARGET_S, TARGET_PSNR, TARGET_PSNR_TOL, TARGET_IMAGES_PER_S = 12.0, 20.48, 0.1, 
 EVAL_TOL_DB, EVAL_TOL_BCE = 0.01, 1e-4  # ae.evaluate against the training's final test metrics
 TILE_TOL_LEVELS = 1  # tiled against whole-image reconstruction, in 8-bit levels per pixel
 SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU time per batch: the host gets far ahead of the device
-# Extra train.py flags for the graph-vs-eager comparison, one run pair each. After issue 12's merge
-# add e.g. "onecycle": ["--schedule", "onecycle"].
-GRAPH_VS_EAGER_VARIANTS: dict[str, list[str]] = {"default": []}
+# Extra train.py flags for the graph-vs-eager comparison, one run pair each: the study's constant
+# learning rate, and the fast recipe's schedule (the graph reads its lr from a device tensor).
+GRAPH_VS_EAGER_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "onecycle": ["--schedule", "onecycle", "--lr", "1e-2", "--warmup", "0.5"],
+}
 CHECKS = (
     "race",
     "graph_vs_eager",
@@ -139,8 +143,8 @@ def run_logged(argv: list[str], out: Path, timeout: float) -> subprocess.Complet
     return result
 
 
-def loss_windows(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["train/loss"]) for r in metrics_rows(out) if "train/loss" in r]
+def loss_windows(out: Path, key: str = "train/loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in metrics_rows(out) if key in r]
 
 
 def final_psnr(out: Path) -> float:
@@ -204,17 +208,18 @@ def check_race(setup: Setup, check: Check) -> None:
 
 
 def check_graph_vs_eager(setup: Setup, check: Check) -> dict[str, Path]:
-    worst = {}
-    runs = {}
+    worst, lr_gap, runs = {}, {}, {}
     for variant, flags in GRAPH_VS_EAGER_VARIANTS.items():
         graph = setup.out / f"graph_{variant}"
         eager = setup.out / f"eager_{variant}"
         run_logged(train_argv(setup, graph, *flags, steps=setup.steps), graph, setup.timeout)
         run_logged(train_argv(setup, eager, "--no-fast", *flags, steps=setup.steps), eager, setup.timeout)
         worst[variant] = worst_relative_gap(loss_windows(graph), loss_windows(eager))
+        lr_gap[variant] = worst_relative_gap(loss_windows(graph, "train/lr"), loss_windows(eager, "train/lr"))
         runs[variant] = graph
-    check.figures = {"steps": setup.steps, "rtol": LOSS_RTOL, "worst_relative_gap": worst}
-    check.status = "pass" if all(gap <= LOSS_RTOL for gap in worst.values()) else "FAIL"
+    check.figures = {"steps": setup.steps, "rtol": LOSS_RTOL, "worst_relative_gap": worst, "lr_gap": lr_gap}
+    same_lr = all(gap <= 1e-9 for gap in lr_gap.values())
+    check.status = "pass" if same_lr and all(gap <= LOSS_RTOL for gap in worst.values()) else "FAIL"
     return runs
 
 

@@ -8,7 +8,7 @@ import json
 import re
 
 from ae.trainer import weights_digest
-from tests.helpers import ACCELERATE, free_port, metrics, ok, run, weights
+from tests.helpers import ACCELERATE, clean_env, free_port, metrics, ok, run, weights
 
 
 def test_two_cpu_processes_train_one_model_and_skip_a_nan_on_one_rank_together(small_data, tmp_path):
@@ -72,3 +72,22 @@ def test_two_cpu_processes_train_one_model_and_skip_a_nan_on_one_rank_together(s
     }
     # Every rank tears down its process group: no warning from any rank, and exit 0 (checked above).
     assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
+
+
+def test_finished_two_process_runs_end_cleanly_every_time(tiny_data, tmp_path):
+    """A normal end, three times over (a fresh run, then two resumes), with W&B offline on rank 0:
+    every run exits 0 and no rank aborts at exit. faulthandler names the thread if one does."""
+    out = tmp_path / "out"
+    env = clean_env(PYTHONFAULTHANDLER="1", WANDB_DIR=str(tmp_path / "wandb"))
+    for max_steps in (3, 7, 11):
+        result = run(
+            [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+            + ["train.py", "--data", str(tiny_data), "--out", str(out), "--batch-size", "16"]
+            + ["--max-steps", str(max_steps), "--wandb-mode", "offline"],
+            env=env,
+        )
+        text = result.stdout + result.stderr
+        assert result.returncode == 0, f"run to step {max_steps}: exit {result.returncode}\n{text[-3000:]}"
+        assert "terminate called" not in text and "Fatal Python error" not in text, text[-3000:]
+        assert f"done: {max_steps} steps" in result.stdout
+    assert [r["step"] for r in metrics(out) if "train/loss" in r][-1] == 11
