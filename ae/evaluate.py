@@ -3,7 +3,7 @@
     python -m ae.evaluate --model OUT/model.safetensors --data DIR [--noise SIGMA] [--device cpu|cuda]
                           [--no-verify-data]
 
-The numbers come from the same code the trainer logs `test/*` with (`ae.metrics.split_sums` over
+The numbers come from the same code the trainer logs `test/*` with (`ae.metrics.eval_sums` over
 `ae.data.eval_batches`, then `summarize` with the manifest's BCE floor), so for the same weights and data
 they equal the last `test/...` record of OUT/metrics.jsonl. The JSON object is the last line of stdout:
 
@@ -64,11 +64,11 @@ def evaluate(
     model = load_model(model_path, torch_device)
 
     from ae.data import eval_batches  # FFCV: imported only once the inputs are known to be good
-    from ae.metrics import split_sums, summarize
+    from ae.metrics import eval_sums, summarize
 
     split = manifest["splits"]["test"]
     try:
-        sums = split_sums(model, eval_batches(data_dir, split["count"], torch_device), corruption)
+        sums = eval_sums(model, eval_batches(data_dir, split["count"], torch_device), noise=corruption)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise UserError(

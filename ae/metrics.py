@@ -34,26 +34,40 @@ def psnr_db(mse: float) -> float:
 
 
 @torch.no_grad()
-def split_sums(
+def eval_sums(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    n_classes: int = 1,
     noise: Corruption | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
-    """Sum BCE, squared error and element count (and noisy-input squared error) over uint8 batches.
+    """Per class, sum BCE, squared error, element count, image count and noisy-input squared error.
 
-    Returns a float64 device tensor [bce_sum, sq_err_sum, n_elements, noisy_sq_err_sum]; nothing
-    is read back to the host here.
+    One pass over uint8 batches gives both the split's metrics (`summarize`) and each class's
+    (`summarize_classes`). `labels` (int64, on the batches' device) label the batches' images in
+    order; without them every image counts as class 0. Returns a float64 device tensor of shape
+    (n_classes, 5); nothing is read back to the host here, so the caller can reduce it first.
     """
-    sums: torch.Tensor | None = None
+    device = labels.device if labels is not None else next(model.parameters()).device
+    sums = torch.zeros(n_classes, 5, dtype=torch.float64, device=device)
+    start = 0
     for index, images in enumerate(batches):
         clean, inputs, logits = _eval_forward(model, images, index, noise, autocast)
-        bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="sum")
-        sq_err = (torch.sigmoid(logits) - clean).square().sum()
-        noisy_sq_err = (inputs - clean).square().sum()
-        batch_sums = torch.stack([bce, sq_err, clean.new_tensor(clean.numel()), noisy_sq_err]).double()
-        sums = batch_sums if sums is None else sums + batch_sums
-    if sums is None:
+        bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="none").flatten(1).sum(1)
+        sq_err = (torch.sigmoid(logits) - clean).square().flatten(1).sum(1)
+        noisy_sq_err = (inputs - clean).square().flatten(1).sum(1)
+        per_image = torch.stack(
+            [bce, sq_err, torch.full_like(bce, clean[0].numel()), torch.ones_like(bce), noisy_sq_err], 1
+        )
+        classes = (
+            labels[start : start + len(images)]
+            if labels is not None
+            else torch.zeros(len(images), dtype=torch.int64, device=device)
+        )
+        sums.index_add_(0, classes, per_image.double())
+        start += len(images)
+    if start == 0:
         raise ValueError("no test batches to evaluate")
     return sums
 
@@ -75,38 +89,10 @@ def _eval_forward(
     return clean, inputs, logits.float()
 
 
-@torch.no_grad()
-def class_sums(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    labels: torch.Tensor,
-    n_classes: int,
-    noise: Corruption | None = None,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-) -> torch.Tensor:
-    """Per class, sum BCE, squared error, element count and image count over uint8 batches.
-
-    `labels` (int64, on the batches' device) are the labels of the batches' images in order.
-    Returns a float64 device tensor of shape (n_classes, 4), for the caller to reduce.
-    """
-    sums = torch.zeros(n_classes, 4, dtype=torch.float64, device=labels.device)
-    start = 0
-    for index, images in enumerate(batches):
-        clean, _, logits = _eval_forward(model, images, index, noise, autocast)
-        bce = F.binary_cross_entropy_with_logits(logits, clean, reduction="none").flatten(1).sum(1)
-        sq_err = (torch.sigmoid(logits) - clean).square().flatten(1).sum(1)
-        per_image = torch.stack(
-            [bce, sq_err, torch.full_like(bce, clean[0].numel()), torch.ones_like(bce)], 1
-        )
-        sums.index_add_(0, labels[start : start + len(images)], per_image.double())
-        start += len(images)
-    return sums
-
-
 def summarize_classes(sums: torch.Tensor, classes: list[str]) -> list[dict[str, float | int | str]]:
-    """Per-class test metrics from (already reduced) `class_sums`; classes without images are left out."""
+    """Per-class metrics from (already reduced) `eval_sums`; classes without images are left out."""
     rows = []
-    for name, (bce_sum, sq_err_sum, count, images) in zip(classes, sums.tolist(), strict=True):
+    for name, (bce_sum, sq_err_sum, count, images, _) in zip(classes, sums.tolist(), strict=True):
         if images:
             rows.append(
                 {
@@ -121,8 +107,8 @@ def summarize_classes(sums: torch.Tensor, classes: list[str]) -> list[dict[str, 
 
 
 def summarize(sums: torch.Tensor, bce_floor: float, noisy: bool) -> dict[str, float]:
-    """Turn (already reduced) sums into the test metrics, keyed as logged: `bce`, `psnr_db`, ..."""
-    bce_sum, sq_err_sum, count, noisy_sq_err_sum = sums.tolist()
+    """The split's metrics from (already reduced) `eval_sums`, keyed as logged: `bce`, `psnr_db`, ..."""
+    bce_sum, sq_err_sum, count, _, noisy_sq_err_sum = sums.sum(0).tolist()
     mse = sq_err_sum / count
     metrics = {
         "bce": bce_sum / count,

@@ -51,9 +51,8 @@ from ae.files import atomic_write
 from ae.lock import RunLock
 from ae.metrics import (
     bce_loss,
-    class_sums,
+    eval_sums,
     reconstruction_grid,
-    split_sums,
     summarize,
     summarize_classes,
     to_unit_float,
@@ -282,6 +281,8 @@ class Trainer:
         self.eval_source = (split, indices)
         shard = indices[eval_shard(len(indices), self.rank, self.world_size).astype(np.int64)]
         self.eval_images = read_images(cfg.data, split, shard, self.device)
+        if self.device.type == "cpu":  # CPU convolutions and pooling run ~1.6x faster channels-last
+            self.eval_images = self.eval_images.contiguous(memory_format=torch.channels_last)
         self.eval_labels = torch.from_numpy(BetonFile(beton_path(cfg.data, split)).labels[shard]).to(
             self.device
         )
@@ -670,8 +671,17 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         model.eval()
-        sums = split_sums(model, self.eval_images.split(EVAL_BATCH_SIZE), self.noise, acc.autocast)
-        metrics = summarize(acc.reduce(sums, "sum"), self.eval_bce_floor, noisy=self.noise is not None)
+        classes = self.manifest["splits"][self.eval_source[0]]["classes"]
+        sums = eval_sums(
+            model,
+            self.eval_images.split(EVAL_BATCH_SIZE),
+            self.eval_labels,
+            len(classes),
+            self.noise,
+            acc.autocast,
+        )
+        self.eval_class_sums = acc.reduce(sums, "sum")  # for _per_class at the end: no second pass
+        metrics = summarize(self.eval_class_sums, self.eval_bce_floor, noisy=self.noise is not None)
         grid = None
         if acc.is_main_process:
             clean = to_unit_float(self.grid_images)
@@ -733,22 +743,15 @@ class Trainer:
             self.logger.log_model(path, metadata, self.step)
 
     def _per_class(self) -> None:
-        """PSNR and BCE per class over the evaluation images (test, or val with --val-split), at the
-        end only, with each class's first image and its reconstruction, to OUT/per_class.json and W&B."""
+        """PSNR and BCE per class over the evaluation images (test, or val with --val-split), from the
+        final evaluation's sums, with each class's first image and its reconstruction, to
+        OUT/per_class.json and W&B."""
         acc = self.accelerator
         split, indices = self.eval_source
         classes = self.manifest["splits"][split]["classes"]
         model = acc.unwrap_model(self.model)
         model.eval()
-        sums = class_sums(
-            model,
-            self.eval_images.split(EVAL_BATCH_SIZE),
-            self.eval_labels,
-            len(classes),
-            self.noise,
-            acc.autocast,
-        )
-        rows = summarize_classes(acc.reduce(sums, "sum"), classes)
+        rows = summarize_classes(self.eval_class_sums, classes)
         if acc.is_main_process:
             beton = BetonFile(beton_path(self.cfg.data, split))
             labels = beton.labels[indices]
