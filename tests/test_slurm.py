@@ -108,6 +108,8 @@ class Jobs:
         deadline = time.monotonic() + timeout
         while not pred():
             info = self.cluster.info(job_id)
+            if info.state not in LIVE and pred():
+                return  # it happened between the two reads (a requeue passes through COMPLETING)
             assert info.state in LIVE, f"job ended before {what}: {info}\n{self.log(job_id)[-4000:]}"
             assert time.monotonic() < deadline, (
                 f"no {what} after {timeout}s: {info}\n{self.log(job_id)[-4000:]}"
