@@ -174,8 +174,9 @@ def check_race(setup: Setup, check: Check) -> None:
 
     from ae.beton import BetonFile, beton_path
     from ae.data import FFCVBatches, data_workers
+    from ae.devices import with_index
 
-    device = torch.device(setup.device)
+    device = with_index(setup.device)
     reader = BetonFile(beton_path(setup.data, "train"))
     count = len(reader)
     expected = torch.from_numpy(reader.images(np.arange(count)).astype(np.int64).sum(axis=(1, 2, 3)))
