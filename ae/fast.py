@@ -14,8 +14,9 @@ notes). `step_body` is that math, and it runs eagerly on CPUs too, where a test 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,6 +54,59 @@ def choose_step_path(
             "inside the graph (--no-fast: eager DDP)"
         )
     return True, None
+
+
+@dataclass
+class StepPathLog:
+    """Which step path ran in this process, counted on the host (no sync): what `train/step_path` says.
+
+    `train/step_path` is `graph` while the CUDA graph is in use (warm-up steps, replays, and the
+    eager partial batches it cannot take), `eager` when it was never chosen, and `eager (capture
+    failed: ...)` after a failed capture; `train/graph_replays` counts the replays, so a check can
+    see that the graph really ran for every step it should have.
+    """
+
+    planned: bool
+    graph_replays: int = 0
+    graph_warmup_steps: int = 0
+    eager_steps: int = 0
+    capture_failed: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.capture_failed:
+            return f"eager (capture failed: {self.capture_failed})"
+        return "graph" if self.planned else "eager"
+
+    def figures(self) -> dict[str, str | int]:
+        return {
+            "train/step_path": self.path,
+            "train/graph_replays": self.graph_replays,
+            "train/graph_warmup_steps": self.graph_warmup_steps,
+            "train/eager_steps": self.eager_steps,
+        }
+
+
+def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next step will read: the optimizer's own value (a device tensor under the
+    graph, read back here: call it at log time only), not what the host schedule computed."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+@contextmanager
+def current_stream_kept() -> Iterator[None]:
+    """Leave the current CUDA stream as it was, even when the body raises.
+
+    torch's `torch.cuda.graph.__exit__` makes the capture stream current and restores the previous
+    stream only after `capture_end` returns: when `capture_end` raises, the side stream stays current,
+    and every later kernel would run outside the ordering FFCV's copies and the eager steps rely on.
+    """
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    finally:
+        if torch.cuda.current_stream() != stream:
+            torch.cuda.set_stream(stream)
 
 
 class FlatGradients:
@@ -124,6 +178,7 @@ class CudaGraphStep:
         agree: Callable[[bool], bool] = lambda ok: ok,
         stream: torch.cuda.Stream | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
+        log: StepPathLog | None = None,
     ):
         self.forward = forward
         self.optimizer = optimizer
@@ -142,6 +197,7 @@ class CudaGraphStep:
         self.static_loss: torch.Tensor | None = None
         self.warmup_left = WARMUP_STEPS
         self.failed: str | None = None
+        self.log = log or StepPathLog(planned=True)
 
     def _clear_grads(self) -> None:
         if self.flat is not None:
@@ -162,12 +218,14 @@ class CudaGraphStep:
             )
         if self.graph is not None:
             self.graph.replay()
+            self.log.graph_replays += 1
             return self.static_loss
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
             self._clear_grads()
             loss = self._body()
         torch.cuda.current_stream().wait_stream(self.side_stream)
+        self.log.graph_warmup_steps += 1
         self.warmup_left -= 1
         if self.warmup_left == 0:
             self._capture()
@@ -181,7 +239,10 @@ class CudaGraphStep:
         try:
             self._set_capturable(True)
             # thread_local: FFCV's thread keeps copying batches meanwhile, which must not void the capture.
-            with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
+            with (
+                current_stream_kept(),
+                torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"),
+            ):
                 self.static_loss = self._body()
         except Exception as err:  # any capture failure means eager steps, never a crash
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -189,6 +250,7 @@ class CudaGraphStep:
             self._set_capturable(False)
         if not self.agree(error is None):
             self.failed = error or "capture failed on another process"
+            self.log.capture_failed = self.failed
             self.static_loss = None
             self.optimizer.zero_grad(set_to_none=True)
             return

@@ -46,7 +46,8 @@ from ae.data import (
     read_images,
 )
 from ae.errors import UserError, warn
-from ae.fast import CudaGraphStep, choose_step_path
+from ae.fast import CudaGraphStep, StepPathLog, choose_step_path, optimizer_lr
+from ae.faults import perturbed, stop_injected, with_lr_fault
 from ae.files import atomic_write
 from ae.lock import RunLock
 from ae.metrics import (
@@ -59,6 +60,7 @@ from ae.metrics import (
 )
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
+from ae.profiling import StepProfiler
 from ae.schedule import LRSchedule, warmup_steps
 from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
@@ -175,6 +177,7 @@ class Trainer:
         )
         if path_note and acc.is_main_process:
             _say(f"note: {path_note}")
+        self.step_paths = StepPathLog(self.use_graph)  # train/step_path, train/graph_replays
         # capturable stays False except while the CUDA graph is captured (ae.fast).
         optimizer = torch.optim.Adam(
             model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=self.device.type == "cuda"
@@ -216,8 +219,9 @@ class Trainer:
         self._mark("eval images")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
-        self.schedule = LRSchedule(
-            cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps
+        self.schedule = with_lr_fault(
+            LRSchedule(cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps),
+            cfg.inject_lr_scale,
         )
         self.recipe = {
             "lr": cfg.lr,
@@ -262,6 +266,7 @@ class Trainer:
         self.skipped_since_read = torch.zeros((), device=self.device)  # --on-nan skip; same on all ranks
         self.first_bad_step = torch.full((), -1.0, device=self.device)
         self.step_tensor = torch.full((), float(self.step), device=self.device)
+        self.profiler = StepProfiler(cfg.profile, self.out, self.device.type, self.rank)
         self._mark("resume, W&B")
 
     def _mark(self, phase: str) -> None:
@@ -333,7 +338,7 @@ class Trainer:
             raise UserError(refusal)
 
     def _resume(self) -> None:
-        if self.cfg.fresh:
+        if self.cfg.fresh or self.cfg.inject_no_resume:
             return
         latest = checkpoint.latest_valid(self.checkpoints)
         if latest is None:
@@ -388,6 +393,7 @@ class Trainer:
             world_size=self.world_size,
             agree=self._all_agree,
             stream=self.graph_stream,
+            log=self.step_paths,
         )
 
     def _all_agree(self, ok: bool) -> bool:
@@ -437,6 +443,7 @@ class Trainer:
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
+                        self.profiler.step()
                         if self.startup[-1][0] != "first step":
                             self._mark("first step")
                         progress.update(1)
@@ -466,6 +473,7 @@ class Trainer:
             self._summary(time.perf_counter() - started)
         finally:
             progress.close()
+            self.profiler.close()
             self.logger.finish()
             if torch.distributed.is_initialized():  # every rank, not only the one that ran W&B's finish
                 torch.distributed.destroy_process_group()
@@ -485,6 +493,8 @@ class Trainer:
     def _after_step(self) -> bool:
         """Periodic work after a step; True when the epoch loop should stop early."""
         cfg, step = self.cfg, self.step
+        if stop_injected(cfg, step, self.rank):
+            self._request_stop(signal.SIGUSR1, None)
         if step % cfg.log_every == 0 or step == self.total_steps:
             self._log_train()
         if self.world_size == 1 or step % STOP_SYNC_EVERY == 0 or step % self.steps_per_epoch == 0:
@@ -516,6 +526,7 @@ class Trainer:
                 self.fast_step = None
         else:
             loss = self._eager_step(images)
+            self.step_paths.eager_steps += 1
         self.step_tensor += 1
         bad = ~torch.isfinite(loss)
         self.bad_steps += bad
@@ -614,8 +625,9 @@ class Trainer:
             "train/images_per_s": (self.images_trained - self.window_first_image) / seconds
             if seconds
             else 0.0,
-            "train/lr": self.schedule.at(self.step),
+            "train/lr": optimizer_lr(self.optimizer),  # what the device holds, not the host schedule
             "train/epoch": self.step / self.steps_per_epoch,
+            **self.step_paths.figures(),
         }
         if self.cfg.on_nan == "skip":
             record["train/skipped_steps"] = self.skipped_steps
@@ -721,6 +733,7 @@ class Trainer:
             k: v.detach().float().cpu().contiguous()
             for k, v in acc.unwrap_model(self.model).state_dict().items()
         }
+        weights = perturbed(weights, self.cfg, self.rank)
         if self.world_size > 1:  # each rank's own weights, so that diverged replicas show
             _say(f"rank {self.rank}/{self.world_size}: final weights sha256 {weights_digest(weights)}")
         path = self.out / "model.safetensors"
@@ -773,7 +786,7 @@ class Trainer:
             return
         m = self.final_metrics
         rate = self.images_trained / self.train_seconds if self.train_seconds else 0.0
-        summary = {"wall_time_s": wall_seconds, "images_per_s": rate}
+        summary = {"wall_time_s": wall_seconds, "images_per_s": rate, **self.step_paths.figures()}
         if self.step_times_ms:
             summary["train/step_time_ms"] = statistics.median(self.step_times_ms)
         self.logger.set_summary(summary)
