@@ -14,7 +14,8 @@ notes). `step_body` is that math, and it runs eagerly on CPUs too, where a test 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +26,31 @@ from ae.metrics import bce_loss
 from ae.noise import Corruption, noise_generator
 
 WARMUP_STEPS = 3
+NCCL_GRAPH_MIN = (2, 9, 6)  # the first NCCL whose collectives a CUDA graph can capture
+# Settings under which a captured all-reduce is not safe: blocking wait and the NaN check act per
+# collective on the host or add kernels, which a replayed graph does not do.
+NCCL_GRAPH_UNSAFE_ENV = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT", "TORCH_NCCL_NAN_CHECK")
+
+
+def multi_gpu_graph_problem(
+    env: Mapping[str, str] | None = None, nccl: tuple[int, ...] | None = None
+) -> str | None:
+    """Why several processes cannot take the graph path here (then they train with eager DDP), else None.
+
+    A captured all-reduce needs NCCL ≥ 2.9.6, eager warm-up steps before capture (the communicator is
+    set up on the first collective), and none of NCCL_GRAPH_UNSAFE_ENV set. `nccl` defaults to the
+    version torch was built with.
+    """
+    env = os.environ if env is None else env
+    nccl = nccl if nccl is not None else tuple(torch.cuda.nccl.version())
+    if nccl < NCCL_GRAPH_MIN:
+        return f"NCCL {'.'.join(map(str, nccl))} cannot capture collectives (needs 2.9.6 or later)"
+    unsafe = [name for name in NCCL_GRAPH_UNSAFE_ENV if env.get(name, "0") not in ("", "0")]
+    if unsafe:
+        return f"{', '.join(unsafe)} set: a captured all-reduce would bypass it"
+    if WARMUP_STEPS < 1:
+        return "no warm-up steps before capture"
+    return None
 
 
 def choose_step_path(
@@ -34,6 +60,7 @@ def choose_step_path(
     on_nan: str,
     fast: bool | None,
     nan_injection: bool = False,
+    multi_gpu_problem: Callable[[], str | None] = multi_gpu_graph_problem,
 ) -> tuple[bool, str | None]:
     """Whether to train with the whole-step CUDA graph, and the one line to print about it (or None).
 
@@ -49,6 +76,9 @@ def choose_step_path(
     if on_nan == "skip" or nan_injection:
         return False, "--on-nan skip undoes steps one at a time: training eagerly"
     if world_size > 1:
+        problem = multi_gpu_problem()
+        if problem:
+            return False, f"{problem}: training with eager DDP on {world_size} processes"
         return True, (
             f"CUDA graph on {world_size} processes: gradients averaged by one flat all-reduce "
             "inside the graph (--no-fast: eager DDP)"
