@@ -102,3 +102,19 @@ def test_a_cuda_device_gets_its_index_in_the_calling_thread(monkeypatch):
     assert with_index("cuda") == torch.device("cuda", 3)
     assert with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert with_index("cpu") == CPU
+
+
+def _stuck_decode(chunk):
+    time.sleep(600)
+
+
+@pytest.mark.timeout(60)
+def test_a_stuck_decode_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """data_prep's worker processes: one alive but stuck fails the read after the chunk timeout."""
+    from ae.errors import UserError
+    from data_prep import sources
+
+    monkeypatch.setattr(sources, "_decode_chunk", _stuck_decode)  # forked workers inherit it
+    monkeypatch.setattr(sources, "DECODE_CHUNK_TIMEOUT_S", 1.0)
+    with pytest.raises(UserError, match="it is stuck"):
+        sources.decode_files([tmp_path / f"{i}.png" for i in range(10)], workers=2)
