@@ -552,8 +552,10 @@ def check_multi_gpu(setup: Setup, check: Check) -> None:
         None if len(digests) == n and len(set(digests.values())) == 1 else f"rank weights differ: {digests}",
         trajectory_problem(loss_windows(out), loss_windows(one)),
         None if gap <= MULTI_RTOL else f"loss windows {gap:.3g} from the one-process run's",
-        None if "flat all-reduce" in text or setup.device == "cpu" or "DDP" in text else "no step path said",
     ]
+    if agreed:  # the rerun trained the steps after the agreed stop, on the graph unless it said why not
+        graph = setup.expect_graph and "training with eager DDP" not in text
+        problems.append(step_path_problem(out, setup.steps - int(min(stop_steps)), graph))
     problems = [p for p in problems if p]
     check.figures = {
         "processes": n,
