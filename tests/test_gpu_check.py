@@ -281,3 +281,15 @@ def test_epochs100_reports_a_failed_train_py(tiny_data, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "epochs100: train.py failed (exit 2)" in result.stderr
     assert (tmp_path / "run" / "epochs100.log").read_text().count("--no-such-flag") >= 1
+
+
+def test_a_run_over_its_timeout_is_killed_with_its_children(tmp_path):
+    """The old stop-and-rerun helper left its child running on a timeout; run_logged kills the tree."""
+    spawn = (
+        "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        "print(child.pid, flush=True); time.sleep(600)"
+    )
+    with pytest.raises(RuntimeError, match="ran over 3 s: killed"):
+        gpu_check.run_logged([PYTHON, "-c", spawn], tmp_path / "run", timeout=3)
+    child = int((tmp_path / "run.log").read_text().splitlines()[1])
+    assert gone(child)
