@@ -20,7 +20,7 @@ from torch import nn
 
 from ae.agreement import every_rank
 from ae.config import TrainConfig
-from ae.fast import CudaGraphStep, choose_step_path
+from ae.fast import CudaGraphStep, StepPathLog, choose_step_path
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import Corruption
 
@@ -68,7 +68,11 @@ def build_step_path(cfg: TrainConfig, accelerator: Accelerator, say: Callable[[s
 
 
 def make_fast_step(
-    path: StepPath, cfg: TrainConfig, accelerator: Accelerator, noise: Corruption | None
+    path: StepPath,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    noise: Corruption | None,
+    log: StepPathLog,
 ) -> CudaGraphStep | None:
     """The CUDA-graph step when `choose_step_path` picked it; call it after resuming."""
     device = accelerator.device
@@ -99,6 +103,7 @@ def make_fast_step(
         world_size=accelerator.num_processes,
         agree=lambda ok: every_rank(accelerator, ok),
         stream=path.graph_stream,
+        log=log,
     )
 
 

@@ -29,6 +29,10 @@ class StopSignals:
         self._previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS}
 
     def _request(self, signum: int, _frame: Any) -> None:
+        self.request(signum)
+
+    def request(self, signum: int) -> None:
+        """Record a stop request as the signal `signum` would (also the hidden stop-at-step hook's way in)."""
         if not self.requested:
             self.requested = signal.Signals(signum).name
             print(

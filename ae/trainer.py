@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,10 +43,13 @@ from ae.config import TrainConfig
 from ae.counters import StepCounters
 from ae.errors import UserError, warn
 from ae.eval_set import EvalSet
+from ae.fast import StepPathLog, optimizer_lr
+from ae.faults import perturbed, stop_injected, with_lr_fault
 from ae.files import atomic_write
 from ae.metrics import bce_loss, to_unit_float
 from ae.noise import noise_generator, parse_noise
 from ae.out_dir import prepare_out_dir
+from ae.profiling import StepProfiler
 from ae.recipe import make_recipe, resume_point
 from ae.run_data import check_data, train_batches
 from ae.schedule import LRSchedule, warmup_steps
@@ -117,8 +121,9 @@ class Trainer:
         self.batches, val_indices = train_batches(cfg, self.manifest, acc)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
-        self.schedule = LRSchedule(
-            cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps
+        self.schedule = with_lr_fault(
+            LRSchedule(cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps),
+            cfg.inject_lr_scale,
         )
         self.recipe = make_recipe(
             cfg, self.noise, self.world_size, self.manifest, self.schedule, self.total_steps
@@ -126,16 +131,18 @@ class Trainer:
         self.step, self.last_eval_step, self.last_checkpoint_step = 0, -1, -1
         self.final_metrics: dict[str, float] | None = None
         self.first_eval_seconds: float | None = None
-        resumed = resume_point(self.out, self.recipe, cfg.fresh)
+        resumed = resume_point(self.out, self.recipe, cfg.fresh or cfg.inject_no_resume)
         self.logger = self._start_logger(resumed[1]["step"] if resumed else 0)  # W&B starts meanwhile
         self.startup.mark("train loader")
         with self.logger.finished_on_error():  # never leave W&B half-started
             self.path = build_step_path(cfg, acc, _say)
+            self.step_paths = StepPathLog(self.path.use_graph)  # train/step_path, train/graph_replays
             self.startup.mark("model")
             self.eval_set = EvalSet(cfg, self.manifest, val_indices, acc)
             self.startup.mark("eval images")
             skipped_steps = self._resume(*resumed) if resumed else 0
-            self.fast_step = make_fast_step(self.path, cfg, acc, self.noise)
+            self.fast_step = make_fast_step(self.path, cfg, acc, self.noise, self.step_paths)
+            self.profiler = StepProfiler(cfg.profile, self.out, self.device.type, self.rank)
         self.counters = StepCounters(self.device, self.step, skipped_steps)
         self.startup.mark("resume")
 
@@ -202,6 +209,7 @@ class Trainer:
                 with closing(self.batches.epoch(epoch_index, start_batch)) as epoch_batches:
                     for images in epoch_batches:
                         self._train_step(images)
+                        self.profiler.step()
                         self.startup.mark_first_step()
                         progress.update(1)
                         if self._after_step():
@@ -230,6 +238,7 @@ class Trainer:
             self._summary(time.perf_counter() - started)
         finally:
             progress.close()
+            self.profiler.close()
             self.logger.finish()
             if torch.distributed.is_initialized():  # every rank, not only the one that ran W&B's finish
                 torch.distributed.destroy_process_group()
@@ -239,6 +248,8 @@ class Trainer:
     def _after_step(self) -> bool:
         """Periodic work after a step; True when the epoch loop should stop early."""
         cfg, step = self.cfg, self.step
+        if stop_injected(cfg, step, self.rank):
+            self.stop.request(signal.SIGUSR1)
         if step % cfg.log_every == 0 or step == self.total_steps:
             self._log_train()
         self.stop.agree_if_due(self.accelerator, step, self.steps_per_epoch)
@@ -264,6 +275,7 @@ class Trainer:
                 self.fast_step = None
         else:
             loss = self._eager_step(images)
+            self.step_paths.eager_steps += 1
         self.counters.add_step(loss)
 
     def _eager_step(self, images: torch.Tensor) -> torch.Tensor:
@@ -306,8 +318,9 @@ class Trainer:
             "train/loss": loss_sum / finite_steps if finite_steps > 0 else float("nan"),
             "train/step_time_ms": window["step_time_ms"],
             "train/images_per_s": window["images_per_s"],
-            "train/lr": self.schedule.at(self.step),
+            "train/lr": optimizer_lr(self.path.optimizer),  # what the device holds, not the host schedule
             "train/epoch": self.step / self.steps_per_epoch,
+            **self.step_paths.figures(),
         }
         if self.cfg.on_nan == "skip":
             record["train/skipped_steps"] = self.counters.skipped_steps
@@ -365,6 +378,7 @@ class Trainer:
             k: v.detach().float().cpu().contiguous()
             for k, v in acc.unwrap_model(self.path.model).state_dict().items()
         }
+        weights = perturbed(weights, self.cfg, self.rank)
         if self.world_size > 1:  # each rank's own weights, so that diverged replicas show
             _say(f"rank {self.rank}/{self.world_size}: final weights sha256 {weights_digest(weights)}")
         path = self.out / "model.safetensors"
@@ -398,7 +412,7 @@ class Trainer:
             return
         m = self.final_metrics
         figures = self.windows.summary(wall_seconds)
-        self.logger.set_summary(figures)
+        self.logger.set_summary({**figures, **self.step_paths.figures()})
         _say(
             f"done: {self.step} steps ({self.step / self.steps_per_epoch:.2f} epochs) in {wall_seconds:.1f} s wall, "
             f"{figures['images_per_s']:,.0f} images/s; {self.eval_set.split} bce {m['bce']:.4f} "
