@@ -14,6 +14,15 @@ import time
 
 STARTED = time.perf_counter()
 
+from ae.interrupt import stop_on_signals  # noqa: E402
+
+stop_on_signals()  # first: Ctrl-C during the imports below is one line, not a traceback
+
+from ae.environment import check_environment, check_wandb_folders  # noqa: E402
+from ae.errors import friendly_errors  # noqa: E402
+
+friendly_errors(check_environment)(train=True)  # before anything reads LOCAL_RANK, OMP_NUM_THREADS, ...
+
 from ae.launch import (  # noqa: E402
     end_with_parent,
     exit_without_finalizing,
@@ -24,7 +33,6 @@ end_with_parent()  # no orphaned trainers: a launcher's child ends when the laun
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
 from ae.config import parse_args  # noqa: E402
-from ae.errors import friendly_errors  # noqa: E402
 from data_prep.missing import prepare_if_missing  # noqa: E402
 
 
@@ -35,6 +43,7 @@ def _say(message: str) -> None:
 @friendly_errors
 def main() -> None:
     cfg = parse_args()  # bad flags fail fast, before the heavy imports below
+    check_wandb_folders(cfg.wandb_mode)
     # Before the process group forms: a long download must not run into --dist-timeout.
     prepare_if_missing(cfg.data, cfg.source, preparer=os.environ.get("LOCAL_RANK", "0") == "0", log=_say)
     from ae.trainer import Trainer

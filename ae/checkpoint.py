@@ -21,10 +21,12 @@ from accelerate import Accelerator
 from ae.agreement import first_failure
 from ae.beton import sha256_file
 from ae.errors import UserError, warn
-from ae.files import atomic_write, fsync_path, read_json
+from ae.files import atomic_write, free_space, fsync_path, is_disk_full, read_json
+from ae.weights import Signature, first_difference, read_signature
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
+MODEL = "model.safetensors"  # the model's weights in Accelerate's save_state
 _NAME = re.compile(r"^step_(\d{7,})$")
 
 
@@ -36,32 +38,37 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
 
 
-def problem_with(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be trusted, or None if every file matches its manifest."""
+def problem_with(checkpoint: Path, expected: Signature | None = None) -> str | None:
+    """Why `checkpoint` cannot be trusted, or None if every file matches its manifest and (given
+    `expected`, the model's tensors) its weights have the model's names, shapes and dtypes."""
     try:
         manifest = read_json(checkpoint / MANIFEST)
-        for name, expected in manifest["files"].items():
+        for name, listed in manifest["files"].items():
             path = checkpoint / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != expected["size"]:
-                return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
-            if sha256_file(path) != expected["sha256"]:
+            if path.stat().st_size != listed["size"]:
+                return f"{name} has {path.stat().st_size} bytes, expected {listed['size']}"
+            if sha256_file(path) != listed["sha256"]:
                 return f"{name} does not match its checksum"
         read_json(checkpoint / STATE)
+        difference = first_difference(read_signature(checkpoint / MODEL), expected) if expected else None
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its manifest or state is unreadable ({type(err).__name__})"
+    if difference:
+        return f"its {MODEL} does not fit the model ({difference}): saved from another model or architecture"
     return None
 
 
-def latest_valid(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; warn about each newer one that does not.
+def latest_valid(root: Path, expected: Signature | None = None) -> Path | None:
+    """The newest checkpoint that verifies (and fits `expected`, see `problem_with`); warn about each
+    newer one that does not.
 
     Raises UserError when checkpoints exist but none verifies (the caller decides about --fresh).
     """
     candidates = checkpoint_dirs(root)
     for checkpoint in candidates:
-        problem = problem_with(checkpoint)
+        problem = problem_with(checkpoint, expected)
         if problem is None:
             return checkpoint
         warn(f"skipping checkpoint {checkpoint}: {problem}")
@@ -109,6 +116,8 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = next((str(p) for p in checkpoint_dirs(root) if p != final), "none")
+            if is_disk_full(problem):  # torch's and safetensors' own wording says nothing useful
+                problem = f"the disk is full ({free_space(root)} free there)"
             raise UserError(
                 f"could not write checkpoint {final}: {problem}; previous checkpoint ({previous}) is intact; "
                 "free space or fix permissions, then rerun to resume"

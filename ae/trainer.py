@@ -59,9 +59,11 @@ from ae.metrics import (
 )
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
+from ae.plan import plan_run
 from ae.schedule import LRSchedule, warmup_steps
 from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
+from ae.weights import model_signature
 
 GRID_IMAGES = 16
 RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
@@ -148,11 +150,12 @@ class Trainer:
         self.manifest = load_manifest(cfg.data)
         for split in ("train", "test"):
             verify_beton(cfg.data, split, self.manifest, check_hash=cfg.verify_data)
+        self.plan = plan_run(cfg, self.manifest, self.world_size)  # every derived number, before --out
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         memory = torch.tensor([free_memory(self.device, local_processes)], device=self.device)
         check_batch_size(
             cfg.batch_size,
-            -(-self.manifest["splits"]["train"]["count"] // self.world_size),
+            self.plan.images_per_process,
             int(acc.gather(memory).min()),  # one value for all ranks: they stop together or go on together
         )
         self.out = cfg.out
@@ -190,12 +193,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
         workers = data_workers(cfg.data_workers, local_processes)
-        train_count = self.manifest["splits"]["train"]["count"]
-        if cfg.val_split >= train_count:
-            raise UserError(
-                f"--val-split {cfg.val_split} leaves no training images (the split has {train_count})"
-            )
-        train_indices, val_indices = held_out(train_count, cfg.val_split)
+        train_indices, val_indices = held_out(self.manifest["splits"]["train"]["count"], cfg.val_split)
         train_bytes = len(train_indices) * math.prod(self.manifest["splits"]["train"]["image_shape"])
         resident = cfg.data_on_device if cfg.data_on_device is not None else train_bytes <= RESIDENT_MAX_BYTES
         if resident:
@@ -335,7 +333,9 @@ class Trainer:
     def _resume(self) -> None:
         if self.cfg.fresh:
             return
-        latest = checkpoint.latest_valid(self.checkpoints)
+        latest = checkpoint.latest_valid(
+            self.checkpoints, model_signature(self.accelerator.unwrap_model(self.model))
+        )
         if latest is None:
             return
         state = checkpoint.read_state(latest)
@@ -730,8 +730,10 @@ class Trainer:
                 atomic_write(path, safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}))
 
         problem = first_failure(acc, write)
-        if problem is not None:
-            raise UserError(f"could not write {path}: {problem}; free space, then rerun")
+        if problem is not None:  # atomic_write's own line, or the failure on another rank
+            raise UserError(
+                problem if problem.startswith("could not write") else f"could not write {path}: {problem}"
+            )
         if acc.is_main_process:
             metadata = {
                 "recipe": self.recipe,

@@ -28,7 +28,7 @@ import numpy as np
 
 from ae import beton
 from ae.errors import UserError, check_range
-from ae.files import fsync_path, made_folder, read_json, refuse_overwriting
+from ae.files import fsync_path, made_folder, read_json, refuse_overwriting, write_failure
 from ae.stats import pixel_stats
 from data_prep.sources import (
     SPLITS,
@@ -349,7 +349,7 @@ def _prepare_locked(
     try:
         return _write_outputs(out, spec, limit, splits, progress, log)
     except OSError as err:
-        raise UserError(f"could not write into {out} ({one_line(err)})") from None
+        raise write_failure(err, "the data folder", out) from None
 
 
 def _write_outputs(
@@ -372,7 +372,7 @@ def _write_outputs(
                 write_beton(temp, splits[split], progress=progress, description=f"writing {final.name}")
                 fsync_path(temp)
             except OSError as err:
-                raise UserError(f"could not write {final} ({one_line(err)}); is the disk full?") from None
+                raise write_failure(err, "the beton", final) from None
             pixel_mean, bce_floor = pixel_stats(splits[split].images)
             size = temp.stat().st_size
             entries[split] = {
