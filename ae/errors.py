@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -60,9 +61,10 @@ def friendly_errors(main: Callable[..., R]) -> Callable[..., R]:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except Interrupted as stop:
+        except Interrupted as stop:  # cleanup ran while it unwound: skip the interpreter's slow teardown
             print(f"error: {stop}", file=sys.stderr, flush=True)
-            raise SystemExit(stop.exit_code) from None
+            sys.stdout.flush()
+            os._exit(stop.exit_code)
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None

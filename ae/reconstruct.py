@@ -16,11 +16,18 @@ and reports PSNRs against the clean image. --side-by-side also writes DIR/<stem>
 original | (noisy |) reconstruction.
 
 One line per image: input, size, output, PSNR of the output against the (clean) input.
+
+Memory: an image is decoded once, into uint8; its reconstruction is kept as uint8 too (with --noise
+also the noisy input), while the model works on batches of tiles within a pixel budget, each window
+cut (and padded) from the image on its own. The PNGs are encoded and written band by band of rows,
+so no float copy, padded copy, side-by-side canvas or encoded file of the whole image is ever held.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ae.errors import SEED_MAX, OneLineParser, UserError, check_range, friendly_errors
-from ae.files import atomic_write, made_folder, png_bytes, refuse_overwriting
+from ae.files import atomic_file, made_folder, refuse_overwriting
 from ae.weights import load_model, noise_arg, resolve_device, resolve_model_path
 
 if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable images are reported at once
@@ -46,6 +53,8 @@ DEFAULT_TILE = 512
 PIXEL_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 22}
 BATCH_SIZE_MAX = 4096
 NOISE_ROWS = 256  # noise is drawn in bands of this many rows (fixed, so it depends only on seed and size)
+PNG_ROWS = 256  # rows encoded per band when writing a PNG
+PNG_LEVEL = 4  # zlib level of the written PNGs
 SIDE_GAP = 8  # white pixels between the panels of a side-by-side image
 # For folder arguments: files with these extensions are taken as images (others are ignored).
 IMAGE_EXTENSIONS = frozenset(
@@ -149,13 +158,46 @@ def check_image(path: Path) -> tuple[int, int]:
         ) from None
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    try:
-        atomic_write(path, png_bytes(image))
-    except OSError as err:
-        raise UserError(
-            f"cannot write {path} ({err.strerror or _one_line(err)}): choose another --out"
-        ) from None
+class PngRows:
+    """Encode an RGB uint8 image as a PNG into `file`, band by band of rows (each row "Sub"-filtered)."""
+
+    def __init__(self, file: Any, width: int, height: int, level: int = PNG_LEVEL):
+        self.file, self.width, self.height, self.rows = file, width, height, 0
+        self.zlib = zlib.compressobj(level)
+        file.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self.file.write(struct.pack(">I", len(data)) + kind + data)
+        self.file.write(struct.pack(">I", zlib.crc32(kind + data)))
+
+    def add(self, rows: np.ndarray) -> None:
+        """Append rows (N, width, 3) uint8."""
+        flat = rows.reshape(len(rows), self.width * 3)
+        line = np.empty((len(rows), 1 + self.width * 3), dtype=np.uint8)
+        line[:, 0] = 1  # filter "Sub": each byte less the same channel of the pixel to its left
+        line[:, 1:4] = flat[:, :3]
+        np.subtract(flat[:, 3:], flat[:, :-3], out=line[:, 4:])
+        self.rows += len(rows)
+        data = self.zlib.compress(line.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+
+    def finish(self) -> None:
+        assert self.rows == self.height, (self.rows, self.height)
+        self._chunk(b"IDAT", self.zlib.flush())
+        self._chunk(b"IEND", b"")
+
+
+def write_png(path: Path, panels: list[np.ndarray], what: str) -> None:
+    """Write `panels` (images of one height) side by side as one PNG, atomically, band by band."""
+    height, widths = panels[0].shape[0], [p.shape[1] for p in panels]
+    with atomic_file(path, what) as file:
+        png = PngRows(file, sum(widths) + (len(panels) - 1) * SIDE_GAP, height)
+        for r in range(0, height, PNG_ROWS):
+            bands = [p[r : r + PNG_ROWS] for p in panels]
+            png.add(bands[0] if len(bands) == 1 else side_by_side(bands))
+        png.finish()
 
 
 def side_by_side(panels: list[np.ndarray], gap: int = SIDE_GAP) -> np.ndarray:
@@ -201,16 +243,30 @@ def add_noise(image: np.ndarray, corruption: Corruption, seed: int) -> np.ndarra
 # ------------------------------------------------------------------ padding and tiles
 
 
+def padded_index(start: int, stop: int, size: int, multiple: int = MULTIPLE) -> np.ndarray:
+    """Source positions of positions start..stop of an axis of `size` padded at the end to a multiple
+    of `multiple`: reflected (without repeating the edge), or the edge repeated if the axis is too short."""
+    index = np.arange(start, stop)
+    over = index >= size
+    reflect = round_up(size, multiple) - size < size
+    index[over] = 2 * (size - 1) - index[over] if reflect else size - 1
+    return index
+
+
 def pad_to_multiple(image: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
     """Pad H,W,C at the bottom and right to multiples of `multiple`: reflect, or replicate if too small."""
     h, w = image.shape[:2]
-    for axis, size in ((0, h), (1, w)):
-        pad = round_up(size, multiple) - size
-        if pad:
-            widths = [(0, 0)] * image.ndim
-            widths[axis] = (0, pad)
-            image = np.pad(image, widths, mode="reflect" if pad < size else "edge")
-    return image
+    rows = padded_index(0, round_up(h, multiple), h, multiple)
+    cols = padded_index(0, round_up(w, multiple), w, multiple)
+    return image[rows[:, None], cols[None, :]]
+
+
+def window(image: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """`pad_to_multiple(image)[y0:y1, x0:x1]`, without padding (or copying) the whole image."""
+    h, w = image.shape[:2]
+    if y1 <= h and x1 <= w:
+        return image[y0:y1, x0:x1]
+    return image[padded_index(y0, y1, h)[:, None], padded_index(x0, x1, w)[None, :]]
 
 
 @dataclass(frozen=True)
@@ -284,9 +340,8 @@ class TileRunner:
             tiles = plan_tiles(h, w, self.tile, self.margin)
             state = _Pending(key, torch.empty((h, w, 3), dtype=dtype), len(tiles))
             order.append(state)
-            padded = pad_to_multiple(image)
             for t in tiles:
-                self._add(state, t, padded[t.y0 : t.y1, t.x0 : t.x1])
+                self._add(state, t, window(image, t.y0, t.y1, t.x0, t.x1))
             while order and order[0].remaining == 0:
                 done = order.popleft()
                 yield done.key, done.out
@@ -483,12 +538,12 @@ def _reconstruct_all(
     for (path, clean, fed), recon in runner.run(inputs()):
         recon = recon.numpy()
         target = targets[path]["recon"]
-        write_png(target, recon)
+        write_png(target, [recon], f"{OUTPUTS['recon'][1]} of {path.name}")
         line = f"{path}  {_format_size(clean)}  -> {target}"
         panels = [clean]
         if corruption is not None:
             noisy_target = targets[path]["noisy"]
-            write_png(noisy_target, fed)
+            write_png(noisy_target, [fed], f"{OUTPUTS['noisy'][1]} of {path.name}")
             panels.append(fed)
             noisy_psnr = uint8_psnr_db(fed, clean)
             out_psnr = uint8_psnr_db(recon, clean)
@@ -500,7 +555,7 @@ def _reconstruct_all(
             line += f"  psnr {uint8_psnr_db(recon, clean):.2f} dB"
         if args.side_by_side:
             side_target = targets[path]["side"]
-            write_png(side_target, side_by_side([*panels, recon]))
+            write_png(side_target, [*panels, recon], f"{OUTPUTS['side'][1]} of {path.name}")
             line += f"  side-by-side {side_target.name}"
         print(line, flush=True)
 
