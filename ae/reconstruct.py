@@ -25,12 +25,14 @@ so no float copy, padded copy, side-by-side canvas or encoded file of the whole 
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,17 +191,6 @@ class PngRows:
         self._chunk(b"IEND", b"")
 
 
-def write_png(path: Path, panels: list[np.ndarray], what: str) -> None:
-    """Write `panels` (images of one height) side by side as one PNG, atomically, band by band."""
-    height, widths = panels[0].shape[0], [p.shape[1] for p in panels]
-    with atomic_file(path, what) as file:
-        png = PngRows(file, sum(widths) + (len(panels) - 1) * SIDE_GAP, height)
-        for r in range(0, height, PNG_ROWS):
-            bands = [p[r : r + PNG_ROWS] for p in panels]
-            png.add(bands[0] if len(bands) == 1 else side_by_side(bands))
-        png.finish()
-
-
 def side_by_side(panels: list[np.ndarray], gap: int = SIDE_GAP) -> np.ndarray:
     """Images of one size next to each other, left to right, with white gaps."""
     h, w, _ = panels[0].shape
@@ -209,15 +200,13 @@ def side_by_side(panels: list[np.ndarray], gap: int = SIDE_GAP) -> np.ndarray:
     return canvas
 
 
-def uint8_psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two uint8 images in [0, 1] units, summed in bands so large images need little memory."""
-    from ae.metrics import psnr_db
-
-    total = 0.0
+def squared_error(a: np.ndarray, b: np.ndarray) -> int:
+    """Sum of squared differences of two uint8 images, in bands so large images need little memory."""
+    total = 0
     for r in range(0, a.shape[0], NOISE_ROWS):
         diff = a[r : r + NOISE_ROWS].astype(np.int32) - b[r : r + NOISE_ROWS].astype(np.int32)
-        total += float(np.square(diff, dtype=np.int64).sum())
-    return psnr_db(total / (a.size * 255.0**2))
+        total += int(np.square(diff, dtype=np.int64).sum())
+    return total
 
 
 def add_noise(image: np.ndarray, corruption: Corruption, seed: int) -> np.ndarray:
@@ -304,8 +293,9 @@ def plan_tiles(h: int, w: int, tile: int, margin: int = MARGIN) -> list[Tile]:
 @dataclass(eq=False)
 class _Pending:
     key: Any
-    out: torch.Tensor
+    out: torch.Tensor  # a band of output rows, from `row0` on
     remaining: int
+    row0: int = 0
 
 
 @dataclass
@@ -331,25 +321,49 @@ class TileRunner:
         """For each (key, uint8 H,W,3 image): (key, reconstruction H,W,3) as uint8 (default) or `dtype` in [0, 1]."""
         import torch
 
+        heights: list[int] = []
+
+        def numbered() -> Iterator[tuple[tuple[int, Any], np.ndarray]]:
+            for key, image in items:
+                heights.append(image.shape[0])
+                yield (len(heights) - 1, key), image
+
+        bands: list[torch.Tensor] = []
+        for (index, key), row0, band in self.run_bands(numbered(), dtype):
+            bands.append(band)
+            if row0 + len(band) == heights[index]:
+                yield key, bands[0] if len(bands) == 1 else torch.cat(bands)
+                bands = []
+
+    def run_bands(
+        self, items: Iterable[tuple[Any, np.ndarray]], dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[Any, int, torch.Tensor]]:
+        """For each (key, uint8 H,W,3 image), top to bottom: (key, first row, the reconstruction of a
+        band of rows as uint8 or `dtype`), as soon as the band's tiles are done: the caller can write
+        it and let it go, so no whole-image output is ever held."""
+        import torch
+
         dtype = dtype or torch.uint8
         if self.pixel_budget is None:
             self.pixel_budget = PIXEL_BUDGET.get(self.device.type, PIXEL_BUDGET["cpu"])
         order: deque[_Pending] = deque()
         for key, image in items:
             h, w = image.shape[:2]
-            tiles = plan_tiles(h, w, self.tile, self.margin)
-            state = _Pending(key, torch.empty((h, w, 3), dtype=dtype), len(tiles))
-            order.append(state)
-            for t in tiles:
-                self._add(state, t, window(image, t.y0, t.y1, t.x0, t.x1))
-            while order and order[0].remaining == 0:
-                done = order.popleft()
-                yield done.key, done.out
+            for row0, band in groupby(plan_tiles(h, w, self.tile, self.margin), key=lambda t: t.oy0):
+                tiles = list(band)
+                out = torch.empty((tiles[0].oy1 - row0, w, 3), dtype=dtype)
+                state = _Pending(key, out, len(tiles), row0)
+                order.append(state)
+                for t in tiles:
+                    self._add(state, t, window(image, t.y0, t.y1, t.x0, t.x1))
+                while order and order[0].remaining == 0:
+                    done = order.popleft()
+                    yield done.key, done.row0, done.out
         self._flush_all()
         while order:
             done = order.popleft()
             assert done.remaining == 0
-            yield done.key, done.out
+            yield done.key, done.row0, done.out
 
     def _capacity(self, pixels: int) -> int:
         fit = max(1, self.pixel_budget // pixels)
@@ -384,7 +398,7 @@ class TileRunner:
             y = y.to(out_dtype).cpu()
         for i, (state, t, _) in enumerate(bucket):
             core = y[i, t.oy0 - t.y0 : t.oy1 - t.y0, t.ox0 - t.x0 : t.ox1 - t.x0]
-            state.out[t.oy0 : t.oy1, t.ox0 : t.ox1] = core
+            state.out[t.oy0 - state.row0 : t.oy1 - state.row0, t.ox0 : t.ox1] = core
             state.remaining -= 1
 
 
@@ -535,29 +549,82 @@ def _reconstruct_all(
             yield (path, clean, fed), fed
 
     runner = TileRunner(model, device, args.tile, MARGIN, args.batch_size)
-    for (path, clean, fed), recon in runner.run(inputs()):
-        recon = recon.numpy()
-        target = targets[path]["recon"]
-        write_png(target, [recon], f"{OUTPUTS['recon'][1]} of {path.name}")
-        line = f"{path}  {_format_size(clean)}  -> {target}"
-        panels = [clean]
-        if corruption is not None:
-            noisy_target = targets[path]["noisy"]
-            write_png(noisy_target, [fed], f"{OUTPUTS['noisy'][1]} of {path.name}")
-            panels.append(fed)
-            noisy_psnr = uint8_psnr_db(fed, clean)
-            out_psnr = uint8_psnr_db(recon, clean)
+    outputs = None
+    try:
+        for (path, clean, fed), row0, recon in runner.run_bands(inputs()):
+            if row0 == 0:
+                outputs = _Outputs(path, targets[path], clean, fed, corruption is not None, args.side_by_side)
+            outputs.add(row0, recon.numpy())
+            if row0 + len(recon) == clean.shape[0]:
+                print(outputs.finish(), flush=True)
+                outputs = None
+    except BaseException as err:
+        if outputs is not None:
+            outputs.abandon(err)
+        raise
+
+
+class _Outputs:
+    """The PNGs of one input, written band by band of rows as its reconstruction comes in, and the
+    PSNRs summed along; `finish` renames them into place, `abandon` removes the partial files."""
+
+    def __init__(
+        self,
+        path: Path,
+        targets: dict[str, Path],
+        clean: np.ndarray,
+        fed: np.ndarray,
+        noisy: bool,
+        side: bool,
+    ):
+        self.path, self.targets, self.clean, self.fed, self.noisy = path, targets, clean, fed, noisy
+        self.files = contextlib.ExitStack()
+        h, w = clean.shape[:2]
+        panels = 1 + noisy + 1
+        self.pngs: dict[str, PngRows] = {}
+        for kind, width in (("recon", w), ("noisy", w), ("side", panels * w + (panels - 1) * SIDE_GAP)):
+            if kind in targets:
+                what = f"{OUTPUTS[kind][1]} of {path.name}"
+                self.pngs[kind] = PngRows(
+                    self.files.enter_context(atomic_file(targets[kind], what)), width, h
+                )
+        self.squared_error = {"recon": 0, "noisy": 0}
+
+    def add(self, row0: int, recon: np.ndarray) -> None:
+        rows = slice(row0, row0 + len(recon))
+        clean, fed = self.clean[rows], self.fed[rows]
+        self.pngs["recon"].add(recon)
+        if self.noisy:
+            self.pngs["noisy"].add(fed)
+        if "side" in self.pngs:
+            self.pngs["side"].add(side_by_side([clean, fed, recon] if self.noisy else [clean, recon]))
+        for kind, image in (("recon", recon), ("noisy", fed)):
+            self.squared_error[kind] += squared_error(image, clean)
+
+    def finish(self) -> str:
+        """Complete and rename the PNGs; the line to print."""
+        from ae.metrics import psnr_db
+
+        for png in self.pngs.values():
+            png.finish()
+        self.files.close()
+        psnr = {
+            kind: psnr_db(error / (self.clean.size * 255.0**2)) for kind, error in self.squared_error.items()
+        }
+        line = f"{self.path}  {_format_size(self.clean)}  -> {self.targets['recon']}"
+        if self.noisy:
             line += (
-                f"  noisy {noisy_target.name}: psnr {noisy_psnr:.2f} dB; "
-                f"output psnr {out_psnr:.2f} dB ({out_psnr - noisy_psnr:+.2f} dB)"
+                f"  noisy {self.targets['noisy'].name}: psnr {psnr['noisy']:.2f} dB; "
+                f"output psnr {psnr['recon']:.2f} dB ({psnr['recon'] - psnr['noisy']:+.2f} dB)"
             )
         else:
-            line += f"  psnr {uint8_psnr_db(recon, clean):.2f} dB"
-        if args.side_by_side:
-            side_target = targets[path]["side"]
-            write_png(side_target, [*panels, recon], f"{OUTPUTS['side'][1]} of {path.name}")
-            line += f"  side-by-side {side_target.name}"
-        print(line, flush=True)
+            line += f"  psnr {psnr['recon']:.2f} dB"
+        if "side" in self.targets:
+            line += f"  side-by-side {self.targets['side'].name}"
+        return line
+
+    def abandon(self, err: BaseException) -> None:
+        self.files.__exit__(type(err), err, err.__traceback__)
 
 
 if __name__ == "__main__":
