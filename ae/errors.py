@@ -29,7 +29,7 @@ class UserError(Exception):
 
 def readable(number: float) -> str:
     """A number as a person reads it in a message: 1e+308, not its 309 digits."""
-    if isinstance(number, int) and abs(number) < 10**12:
+    if isinstance(number, int) and abs(number) < 10**10:
         return str(number)
     try:
         return f"{float(number):.6g}"
