@@ -112,8 +112,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         records.append(record)
     if torn:
         evaluations = sum('"test/' in line or '"val/' in line for line in torn)
+        last = ", the unfinished last line among them" if torn_tail and torn[-1] == lines[-1] else ""
         warn(
-            f"{path}: skipping {len(torn)} line(s) cut mid-write (a run still writing, or killed), "
+            f"{path}: skipping {len(torn)} line(s) cut mid-write{last} (a run still writing, or killed), "
             f"{evaluations} of them evaluation rows; the report is without them"
         )
     _leave_out_of_range(path, records)
