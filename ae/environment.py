@@ -99,7 +99,7 @@ def _omp_threads(value: str) -> None:
 
 def _cuda_devices(value: str) -> None:
     """CUDA_VISIBLE_DEVICES: empty (no GPU), or a comma list of indices, GPU-/MIG- UUIDs, no repeats."""
-    if not value.strip():
+    if not value.strip() or value.strip() == "NoDevFiles":  # Slurm's "no GPU allocated"
         return
     items = [item.strip() for item in value.split(",")]
     expected = "a comma list of GPU indices (0,1), GPU-/MIG- UUIDs, or empty for no GPU"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ae.errors import UserError
+from ae.files import write_failure
 
 LOCK_NAME = "train.lock"
 
@@ -140,9 +141,12 @@ class RunLock:
             )
         elif holder is not None:
             note = f"taking over {self.path} from a run that is gone ({describe(holder)})"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(me).encode() + b"\n", 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(me).encode() + b"\n", 0)
+            os.fsync(self.fd)
+        except OSError as err:  # a full disk, a quota
+            raise write_failure(err, "the run lock", self.path) from None
         atexit.register(self.release)
         return note
 
