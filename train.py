@@ -18,10 +18,9 @@ from ae.interrupt import stop_on_signals  # noqa: E402
 
 stop_on_signals()  # first: Ctrl-C during the imports below is one line, not a traceback
 
-from ae.environment import check_environment, check_wandb_folders  # noqa: E402
-from ae.errors import friendly_errors  # noqa: E402
+from ae.environment import check_at_start_up, check_wandb_folders  # noqa: E402
 
-friendly_errors(check_environment)(train=True)  # before anything reads LOCAL_RANK, OMP_NUM_THREADS, ...
+check_at_start_up(train=True)  # before anything reads LOCAL_RANK, OMP_NUM_THREADS, ...
 
 from ae.launch import (  # noqa: E402
     end_with_parent,
@@ -33,6 +32,7 @@ end_with_parent()  # no orphaned trainers: a launcher's child ends when the laun
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
 from ae.config import parse_args  # noqa: E402
+from ae.errors import friendly_errors  # noqa: E402
 from data_prep.missing import prepare_if_missing  # noqa: E402
 
 

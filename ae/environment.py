@@ -11,6 +11,7 @@ folders W&B writes into are usable (else W&B floods stderr with its own log line
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -173,6 +174,15 @@ def check_environment(env: Mapping[str, str] | None = None, train: bool = False)
             "the path of a local CIFAR-10 (an image folder, cifar-10-python.tar.gz or cifar-10-batches-py/)",
             "point it at one, or unset it to download CIFAR-10",
         )
+
+
+def check_at_start_up(train: bool = False) -> None:
+    """`check_environment` for an entry point's first lines, before its `main`: one line, exit 2."""
+    try:
+        check_environment(train=train)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _usable(folder: Path) -> str | None:

@@ -63,6 +63,11 @@ def _watchdog(signum: int) -> None:
 
 def _in_main(signum: int, _frame: object) -> None:
     """Inside `main`: unwind (cleanup runs), bounded by the watchdog; a second signal ends it now."""
+    stop_now(signum)
+
+
+def stop_now(signum: int) -> None:
+    """Raise `Interrupted` for `signum` in the main thread, with the watchdog (a handler's body)."""
     if _stopping.is_set():
         _say_and_exit(signum)
     _stopping.set()
@@ -79,7 +84,7 @@ def stop_on_signals() -> None:
 
 @contextlib.contextmanager
 def raise_on_signals() -> Iterator[None]:
-    """Around a tool's `main`: signals raise `Interrupted`, then the start-up handlers are back. A
+    """Around a tool's `main`: signals raise `Interrupted`; once it is over they are ignored. A
     process that did not call `stop_on_signals` (a test calling `main` in-process) keeps its own."""
     changed = []
     if threading.current_thread() is threading.main_thread():
@@ -89,10 +94,10 @@ def raise_on_signals() -> Iterator[None]:
                 changed.append(sig)
     try:
         yield
-    finally:
-        for sig in changed:
+    finally:  # `main` is over, its outcome stands: a signal now is ignored (also in the teardown,
+        for sig in changed:  # where Python would otherwise restore the default action)
             if signal.getsignal(sig) is _in_main:
-                signal.signal(sig, _at_start_up)
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def started_as_module() -> bool:

@@ -48,6 +48,7 @@ from ae.data import (
 from ae.errors import UserError, warn
 from ae.fast import CudaGraphStep, choose_step_path
 from ae.files import atomic_write
+from ae.interrupt import stop_now
 from ae.lock import RunLock
 from ae.metrics import (
     bce_loss,
@@ -475,6 +476,8 @@ class Trainer:
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         """A signal only records a request; the ranks act on it together (`_agree_on_stop`)."""
+        if signum == signal.SIGTERM and self.startup[-1][0] != "first step":
+            stop_now(signum)  # still starting: nothing trained to save yet, so stop at once (exit 143)
         if not self.stop_requested:
             self.stop_requested = signal.Signals(signum).name
             print(
