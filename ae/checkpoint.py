@@ -28,6 +28,7 @@ MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 MODEL = "model.safetensors"  # the model's weights in Accelerate's save_state
 _NAME = re.compile(r"^step_(\d{7,})$")
+_DISCARDED = ".discarded-"  # prefix of a checkpoint folder being removed
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -98,17 +99,19 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
         if main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in root.glob(f"{_DISCARDED}*"):  # a removal that was interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def publish() -> None:
         if main:
-            atomic_write(tmp / STATE, json.dumps(state, indent=2).encode())
+            atomic_write(tmp / STATE, json.dumps(state, indent=2).encode(), "the checkpoint state")
             _write_manifest(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                _discard(final)
             os.rename(tmp, final)
             fsync_path(root)
             for old in checkpoint_dirs(root)[keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
 
     for phase in (prepare, lambda: accelerator.save_state(str(tmp)), publish):
         problem = first_failure(accelerator, phase)
@@ -125,10 +128,21 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict[str, Any],
     return final
 
 
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint folder, renamed out of sight first: an interrupted removal (Ctrl-C, a
+    crash) leaves a hidden folder the next save removes, never a half checkpoint under its name."""
+    gone = checkpoint.with_name(f"{_DISCARDED}{checkpoint.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.rename(checkpoint, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _write_manifest(folder: Path) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         with path.open("rb") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    atomic_write(folder / MANIFEST, json.dumps({"files": files}, indent=2).encode())
+    atomic_write(
+        folder / MANIFEST, json.dumps({"files": files}, indent=2).encode(), "the checkpoint manifest"
+    )

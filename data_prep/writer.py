@@ -111,6 +111,7 @@ def write_beton(
     writer.metadata_sm.close()
     writer.metadata_sm.unlink()
     writer.metadata_sm = _Buffer(n * writer.metadata_type.itemsize)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
     try:
         todo: queue.Queue = queue.Queue()
         indices = list(enumerate(range(n)))
@@ -119,7 +120,6 @@ def write_beton(
         todo.put(None)
         allocations: queue.Queue = queue.Queue()
         done = _Counter()
-        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -161,6 +161,8 @@ def write_beton(
         writer.finalize(allocations.get_nowait())
     finally:
         writer.metadata_sm = None
+        if getattr(allocator, "fp", None) is not None:  # FFCV leaves it open when its last write fails
+            allocator.fp.close()
 
 
 # ------------------------------------------------------------------------------------ the data dir
