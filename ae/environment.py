@@ -73,7 +73,7 @@ SOURCE_ENV = "CIFAR_SOURCE"
 
 
 def _shown(value: str) -> str:
-    return repr(value if len(value) <= 60 else value[:57] + "...")
+    return repr(value if len(value) <= 200 else value[:197] + "...")
 
 
 def _bad(name: str, value: str, expected: str, fix: str = "set it to one, or unset it") -> UserError:

@@ -438,22 +438,27 @@ def test_e_every_tool_checks_its_environment(model_file, tiny_data, tmp_path, ca
 
 
 def test_e_unusable_home_or_wandb_dir_is_one_line_not_wandb_log_lines(tiny_data, tmp_path):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    base = ["--data", tiny_data, "--out", tmp_path / "out", "--wandb-mode", "offline"]
-    for env, needle in [
-        ({"HOME": str(tmp_path / "missing")}, "HOME="),
-        ({"HOME": str(afile)}, "HOME="),
-        ({"WANDB_DIR": str(afile)}, "WANDB_DIR="),
-        ({"WANDB_CACHE_DIR": str(afile / "cache")}, "WANDB_CACHE_DIR="),
-    ]:
-        line = assert_one_line_error(train(*base, env=clean_env(**env)), needle, "--wandb-mode disabled")
-        assert "W&B" in line, line
-    assert not (tmp_path / "out").exists()
-    # with W&B disabled the same HOME is no obstacle to the check
+    """One real start (W&B offline, HOME missing), then the other cases at the check itself."""
     from ae.environment import check_wandb_folders
 
-    check_wandb_folders("disabled", {"HOME": str(afile)})
+    base = ["--data", tiny_data, "--out", tmp_path / "out", "--wandb-mode", "offline"]
+    result = train(*base, env=clean_env(HOME=str(tmp_path / "missing")))
+    assert "W&B" in assert_one_line_error(result, "HOME=", "--wandb-mode disabled")
+    assert not (tmp_path / "out").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    home = {"HOME": str(tmp_path)}
+    for env, needle in [
+        ({"HOME": str(afile)}, "environment variable HOME="),
+        ({**home, "WANDB_DIR": str(afile)}, "WANDB_DIR=" + repr(str(afile))),
+        ({**home, "WANDB_CACHE_DIR": str(afile / "cache")}, f"({afile} is not a folder)"),
+        ({"HOME": str(afile / "sub")}, "HOME="),
+    ]:
+        with pytest.raises(UserError, match="--wandb-mode disabled") as err:
+            check_wandb_folders("offline", env)
+        assert needle in str(err.value), err.value
+    check_wandb_folders("disabled", {"HOME": str(afile)})  # W&B off: HOME is no obstacle
+    check_wandb_folders(None, {"HOME": str(afile), "WANDB_MODE": "disabled"})
 
 
 # ------------------------------------------------------------------ F: one live run per --out
