@@ -1,6 +1,7 @@
 """Plots and a Markdown summary of a run, from OUT/metrics.jsonl alone (no W&B needed).
 
     python -m ae.report OUT
+    python -m ae.report EXPERIMENT | RUN_A RUN_B ...   # several runs compared: see ae.compare
 
 writes
     OUT/report/loss.png   train BCE and test BCE vs step, the test split's BCE floor as a horizontal line
@@ -284,16 +285,43 @@ def write_report(out: Path) -> list[Path]:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(
-        prog="python -m ae.report", description="Plots and a Markdown report from OUT/metrics.jsonl."
+        prog="python -m ae.report",
+        description="Plots and a Markdown report from OUT/metrics.jsonl; for several runs, a comparison (ae.compare).",
     )
-    p.add_argument("out", type=Path, metavar="OUT", help="the run folder (train.py --out)")
+    p.add_argument(
+        "out",
+        type=Path,
+        nargs="+",
+        metavar="OUT",
+        help="a run folder (train.py --out), or an experiment folder of runs, or several run folders",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=20.48,
+        help="several runs: the PSNR (dB) to time, in (0, 100]; default %(default)s",
+    )
+    p.add_argument(
+        "--to",
+        type=Path,
+        help="several runs: where report.md and report/ go (default: the "
+        "experiment folder, or the runs' common parent)",
+    )
     return p
 
 
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for path in write_report(args.out):
+    from ae.compare import is_one_run, write_comparison
+
+    if not (math.isfinite(args.target) and 0 < args.target <= 100):
+        raise UserError(f"--target must be a PSNR in (0, 100] dB, got {args.target}")
+    if len(args.out) == 1 and is_one_run(args.out[0]):
+        written = write_report(args.out[0])
+    else:
+        written = write_comparison(args.out, args.to, args.target)
+    for path in written:
         print(path, flush=True)
     return 0
 

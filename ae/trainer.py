@@ -42,6 +42,7 @@ from ae.data import (
     FFCVBatches,
     data_workers,
     eval_shard,
+    grid_images,
     held_out,
     read_images,
 )
@@ -63,7 +64,6 @@ from ae.schedule import LRSchedule, warmup_steps
 from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
 
-GRID_IMAGES = 16
 RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
 STOP_SYNC_EVERY = 10  # steps between the ranks' agreement on a stop request (also at each epoch end)
 RECIPE_KEYS = (
@@ -286,7 +286,7 @@ class Trainer:
         self.eval_labels = torch.from_numpy(BetonFile(beton_path(cfg.data, split)).labels[shard]).to(
             self.device
         )
-        self.grid_images = self.eval_images[:GRID_IMAGES]
+        self.grid_images = grid_images(cfg.data, split, indices, self.device)  # every class, every run
         if cfg.val_split:
             every_image = read_images(cfg.data, split, indices, torch.device("cpu"))
             self.eval_bce_floor = pixel_stats(every_image.permute(0, 2, 3, 1).numpy())[1]
