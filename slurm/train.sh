@@ -44,6 +44,10 @@ for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source=slurm/common.sh
 source "$repo/slurm/common.sh"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "run me with sbatch (SLURM_JOB_ID is not set)"
+# This job in Slurm's commands: an array task is ARRAYJOBID_TASK (the array's last task has the
+# array's job id as its SLURM_JOB_ID, and `scontrol requeue ARRAYJOBID` would requeue every task).
+JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID}}
+JOB=${JOB:-$SLURM_JOB_ID}
 
 # ---------------------------------------------------------------- stop signals
 # Trapped first thing: a USR1 that comes before the trap would kill this script (a --time shorter
@@ -79,9 +83,9 @@ command -v accelerate >/dev/null || die "accelerate is not on PATH (VENV=$VENV);
 # keeps writing to the open file. A requeued task appends its new start to it.
 name_array_log() {
     local log folder target
-    log=$(scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2)
+    log=$(scontrol -o show job "$JOB" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2)
     folder=$(dirname "$log")
-    [[ "$log" == "$folder/${SLURM_JOB_NAME}-${SLURM_JOB_ID}.out" && -f "$log" ]] || return 0 # --output chosen
+    [[ -f "$log" && "$log" == "$folder/${SLURM_JOB_NAME:-}-${SLURM_JOB_ID}.out" ]] || return 0 # --output chosen
     target="$folder/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"
     if [[ -e "$target" ]]; then
         cat "$log" >>"$target" && rm -f "$log"
@@ -233,7 +237,7 @@ checkpoint_step() {
 START_STEP=$(checkpoint_step)
 # When the job ends (seconds since the epoch; empty without a time limit): after a signal, stop
 # waiting for the trainers STOP_MARGIN_S before it, so the requeue happens before Slurm's SIGTERM.
-END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+END_TIME=$(squeue -h -j "$JOB" -o %e 2>/dev/null)
 [[ "$END_TIME" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] && END_TIME=$(date -d "$END_TIME" +%s) || END_TIME=""
 
 # ---------------------------------------------------------------- run
@@ -281,11 +285,11 @@ if ((step <= START_STEP)); then
     log "error: no new checkpoint since this start (step $START_STEP): not requeueing; give the job a --time well above the USR1 warning (300 s)"
     exit 1
 fi
-log "checkpoint at step $step saved after SIGUSR1 (this start began at step $START_STEP); requeueing job $SLURM_JOB_ID"
-scontrol requeue "$SLURM_JOB_ID" && exit 0
-restarts=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+log "checkpoint at step $step saved after SIGUSR1 (this start began at step $START_STEP); requeueing job $JOB"
+scontrol requeue "$JOB" && exit 0
+restarts=$(scontrol -o show job "$JOB" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
 if ((${restarts:-0} > ${SLURM_RESTART_COUNT:-0})); then
-    log "Slurm has requeued job $SLURM_JOB_ID already"
+    log "Slurm has requeued job $JOB already"
     exit 0
 fi
 log "error: scontrol requeue failed; resubmit the same command to resume"
