@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ae.errors import UserError, warn
-from ae.files import atomic_write, made_folder, read_json, refuse_overwriting
+from ae.files import read_json
 from ae.lock import LOCK_NAME
-from ae.report import REPORT_DIR, _format, _png, _pyplot, read_metrics, series
+from ae.report import REPORT_DIR, _format, read_metrics, series, write_files
 from ae.sweep import RUN_FILE, SUMMARY_FILE, run_info
 
 DEFAULT_TARGET_DB = 20.48  # the study's recipe after 100 epochs (its README figure)
@@ -379,25 +379,6 @@ def write_comparison(paths: Sequence[Path], dest: Path | None, target_db: float)
     results = read_runs(paths, target_db)
     if dest is None:
         dest = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
-    report_dir = dest / REPORT_DIR
-    plots = [report_dir / f"{name}.png" for name in COMPARE_PLOTS]
-    refuse_overwriting(
-        [r.out / "metrics.jsonl" for r in results],
-        [(path, f"the report's {path.name}") for path in [*plots, dest / "report.md"]],
-        "replace that link with a plain file",
-    )
-    plt = _pyplot()
-    title = dest.resolve().name
-    written = []
-    try:
-        with made_folder(report_dir, "the report folder"):
-            for path, plot in zip(plots, (plot_psnr_runs, plot_final_psnr), strict=True):
-                atomic_write(path, _png(plt, plot(plt, results, title)))
-                written.append(path)
-        atomic_write(dest / "report.md", markdown(results, dest, target_db).encode("utf-8"))
-        written.append(dest / "report.md")
-    except OSError as err:
-        raise UserError(
-            f"cannot write the report into {dest} ({err.strerror or err}): is it writable?"
-        ) from None
-    return written
+    plots = dict(zip(COMPARE_PLOTS, (plot_psnr_runs, plot_final_psnr), strict=True))
+    inputs = [r.out / "metrics.jsonl" for r in results]
+    return write_files(dest, inputs, plots, results, lambda: markdown(results, dest, target_db))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -258,27 +258,36 @@ def write_report(out: Path) -> list[Path]:
     if not out.is_dir():
         raise UserError(f"run folder {out} not found: pass the --out folder of a train.py run")
     records = read_metrics(out / "metrics.jsonl")
-    report_dir = out / REPORT_DIR
-    plots = [report_dir / f"{name}.png" for name in PLOTS]
+    plots = dict(zip(PLOTS, (plot_loss, plot_psnr, plot_speed), strict=True))
+    return write_files(out, [out / "metrics.jsonl"], plots, records, lambda: markdown(out, records))
+
+
+def write_files(
+    dest: Path, inputs: list[Path], plots: dict[str, Any], data: Any, text: Callable[[], str]
+) -> list[Path]:
+    """Write DEST/report/NAME.png for each `plots` entry (NAME: plot(plt, data, title)) and
+    DEST/report.md (`text()`), refusing to overwrite `inputs`; returns the paths written."""
+    report_dir = dest / REPORT_DIR
+    paths = [report_dir / f"{name}.png" for name in plots]
     refuse_overwriting(
-        [out / "metrics.jsonl"],
-        [(path, f"the report's {path.name}") for path in [*plots, out / "report.md"]],
+        inputs,
+        [(path, f"the report's {path.name}") for path in [*paths, dest / "report.md"]],
         "replace that link with a plain file",
     )
     plt = _pyplot()
-    title = out.resolve().name
+    title = dest.resolve().name
     written = []
     try:
         with made_folder(report_dir, "the report folder"):
-            for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
-                atomic_write(path, _png(plt, plot(plt, records, title)))
+            for path, plot in zip(paths, plots.values(), strict=True):
+                atomic_write(path, _png(plt, plot(plt, data, title)))
                 written.append(path)
-        path = out / "report.md"
-        atomic_write(path, markdown(out, records).encode("utf-8"))
+        path = dest / "report.md"
+        atomic_write(path, text().encode("utf-8"))
         written.append(path)
     except OSError as err:
         raise UserError(
-            f"cannot write the report into {out} ({err.strerror or err}): is it writable?"
+            f"cannot write the report into {dest} ({err.strerror or err}): is it writable?"
         ) from None
     return written
 
