@@ -272,8 +272,14 @@ class RunLogger:
             return
         if self.summary_step != self.last_step:
             summary = {"step": self.last_step, **values}
-            atomic_write(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode())
-            self.summary_step = self.last_step
+            try:
+                atomic_write(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+                self.summary_step = self.last_step
+            except OSError as err:
+                warn(
+                    f"could not write {self.summary_path} ({err.strerror or err}): the run is complete, "
+                    "but ae.sweep and ae.report will count it as unfinished until a rerun writes it"
+                )
         self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
 
     @staticmethod

@@ -250,3 +250,34 @@ def test_the_reconstruction_grid_spans_the_classes(experiment):
 def test_grid_indices_with_uneven_and_missing_classes():
     labels = np.array([0, 0, 0, 2, 2, 5])
     assert grid_indices(labels).tolist() == [0, 1, 3, 4, 5]
+
+
+def test_run_states(tmp_path):
+    """What ae.report calls a run: finished (summary.json), running (its train.lock held by a live
+    process), failed (the sweep recorded a non-zero exit), stopped (checkpoints), else not finished."""
+    import fcntl
+    import os
+
+    from ae.compare import run_state
+
+    def folder(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        return path
+
+    (folder("done") / "summary.json").write_text('{"step": 4}')
+    lock = folder("live") / "train.lock"
+    lock.write_text("{}")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (folder("gone") / "train.lock").write_text('{"pid": 1}')  # left by a killed run: not locked
+    (folder("stopped") / "checkpoints" / "step_0000005").mkdir(parents=True)
+    try:
+        assert run_state(tmp_path / "done", None) == "finished"
+        assert run_state(tmp_path / "live", None) == "running"
+        assert run_state(tmp_path / "gone", None) == "not finished"
+        assert run_state(tmp_path / "stopped", None) == "stopped (resumable)"
+        assert run_state(tmp_path / "gone", {"attempts": [{"exit_code": 2}]}) == "failed (exit 2)"
+    finally:
+        os.close(fd)
+    assert run_state(tmp_path / "live", None) == "not finished"  # the holder is gone
