@@ -65,7 +65,10 @@ def test_outputs_are_written(run_dir):
     model.load_state_dict(load_file(str(out / "model.safetensors")))
     grids = sorted((out / "reconstructions").glob("step_*.png"))
     assert [p.name for p in grids] == ["step_0000016.png", "step_0000032.png"]
-    assert Image.open(grids[0]).size == (20 * 32 * 4, 2 * 32 * 4)  # 2 images of each class above their reconstructions
+    assert Image.open(grids[0]).size == (
+        20 * 32 * 4,
+        2 * 32 * 4,
+    )  # 2 images of each class above their reconstructions
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step_0000016", "step_0000032"]  # --keep-checkpoints 2
     assert "total" in result.stdout and "1,495" in result.stdout  # the layer summary
