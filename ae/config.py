@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ae.errors import SEED_MAX, OneLineParser, UserError, check_range
+from ae.errors import SEED_MAX, STEPS_MAX, OneLineParser, UserError, check_range
 from ae.noise import parse_noise
 from ae.schedule import SCHEDULES, parse_warmup
 
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     import torch
 
 
-STEPS_MAX = 10**9
 LR_MAX = 10.0
 # Memory one image of a batch takes in a training step: about 300 kB measured (fp32, CPU), doubled.
 TRAIN_BYTES_PER_IMAGE = 512 << 10
@@ -307,6 +306,11 @@ def validate(cfg: TrainConfig) -> None:
     parse_noise(cfg.noise)
     parse_betas(cfg.betas)
     parse_warmup(cfg.warmup)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(
+            f"--out {cfg.out} is a file: --out must be a folder (the run writes its checkpoints, metrics "
+            "and model into it); choose a folder path"
+        )
     if cfg.data.exists() and not cfg.data.is_dir():
         raise UserError(
             f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out DIR` and pass that"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ae.errors import UserError
+from ae.errors import STEPS_MAX, UserError, readable
 
 SCHEDULES = ("constant", "onecycle", "cosine")
 
@@ -28,12 +28,13 @@ def parse_warmup(spec: str) -> int | float:
         value = float(spec)
     except ValueError:
         value = math.nan
-    if "." not in spec and value.is_integer() and value >= 0:
+    if "." not in spec and value.is_integer() and 0 <= value <= STEPS_MAX:
         return int(value)
     if 0 <= value < 1:
         return value
     raise UserError(
-        f"--warmup must be a step count (500) or a fraction of the run below 1 (0.1), got {spec!r}"
+        f"--warmup must be a step count up to {readable(STEPS_MAX)} (500) or a fraction of the run below 1 "
+        f"(0.1), got {spec!r}"
     )
 
 
@@ -42,7 +43,10 @@ def warmup_steps(spec: str, total_steps: int) -> int:
     value = parse_warmup(spec)
     steps = value if isinstance(value, int) else round(value * total_steps)
     if steps >= total_steps and steps > 0:
-        raise UserError(f"--warmup {spec} is {steps} steps, not shorter than the run ({total_steps} steps)")
+        raise UserError(
+            f"--warmup {spec} is {readable(steps)} steps, not shorter than the run ({readable(total_steps)} "
+            "steps): use fewer warm-up steps, or a fraction like 0.1"
+        )
     return steps
 
 

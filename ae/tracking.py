@@ -26,8 +26,10 @@ from accelerate import Accelerator
 
 from ae.background import InBackground
 from ae.beton import SPLITS, beton_path, manifest_path
-from ae.errors import warn
-from ae.files import atomic_write, parse_json, png_bytes
+from ae.errors import UserError, warn
+from ae.files import append_line, atomic_write, ensure_folder, parse_json, png_bytes
+from ae.sweep import SUMMARY_FILE
+from ae.sweep import wandb_config as sweep_config
 
 WANDB_INIT_TIMEOUT_S = 45
 # Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
@@ -120,6 +122,9 @@ class RunLogger:
         self.metrics_path = out / "metrics.jsonl"
         self.images_dir = out / "reconstructions"
         self.wandb_dir = out / "wandb"
+        self.last_step = resume_step  # the highest step logged (or resumed from)
+        self.summary_path = out / SUMMARY_FILE
+        self.summary_step: int | None = None  # the step of OUT/summary.json, while it is current
         self.wandb_on = False
         self.run: Any = None  # the wandb Run, once started
         self._starting: InBackground | None = None
@@ -129,6 +134,8 @@ class RunLogger:
         if not self.enabled:
             return
         self._drop_records_after(resume_step)
+        self.summary_step = _summary_step(self.summary_path)
+        self._forget_summary_before(resume_step)
         if wandb_mode != "disabled":
             self._notes = []
 
@@ -180,9 +187,22 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines()
+        torn = [line for line in lines if line.strip() and _step_of(line) is None]
+        if torn:
+            evaluations = sum('"test/' in line or '"val/' in line for line in torn)
+            warn(
+                f"{self.metrics_path}: dropping {len(torn)} line(s) cut by a crash ({evaluations} of them "
+                "evaluation rows); the steps after the checkpoint are logged again"
+            )
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) != len(lines):
-            atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+            atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode(), "the metrics log")
+
+    def _forget_summary_before(self, step: int) -> None:
+        """A run that trains past its summary's step (extended, or started afresh) is no longer finished."""
+        if self.summary_step is not None and self.summary_step != step:
+            self.summary_path.unlink(missing_ok=True)
+            self.summary_step = None
 
     def _start_wandb(
         self,
@@ -199,6 +219,7 @@ class RunLogger:
         # W&B's own loggers write into OUT/wandb: on a full disk they must not print tracebacks.
         logging.raiseExceptions = False
         run_id = os.environ.get("WANDB_RUN_ID") or self._stored_run_id(out)
+        config = {**config, **sweep_config(out)}  # a sweep's run: its grid line, seed and task
         failures = []
         for attempt_mode in dict.fromkeys([mode, "offline"]):
             try:
@@ -286,14 +307,15 @@ class RunLogger:
         if not self.enabled:
             return
         folder = self.metrics_path.parent / "per_class"
-        folder.mkdir(exist_ok=True)
+        ensure_folder(folder, "the per-class folder")
         for row in rows:
             path = folder / f"{row['class']}.png"
-            atomic_write(path, png_bytes(examples[row["class"]]))
+            atomic_write(path, png_bytes(examples[row["class"]]), "the per-class example")
             row["example"] = str(path.relative_to(self.metrics_path.parent))
         atomic_write(
             self.metrics_path.parent / "per_class.json",
             (json.dumps({"step": step, "classes": rows}, indent=2) + "\n").encode(),
+            "the per-class metrics",
         )
 
         def call() -> None:
@@ -309,9 +331,24 @@ class RunLogger:
         self._wandb_call("log the per-class table", call)
 
     def set_summary(self, values: dict[str, Any]) -> None:
+        """The finished run's summary, to W&B and to OUT/summary.json (which marks the run finished;
+        a rerun of a finished run, at the same step, keeps the first one)."""
         self._started()
-        if self.enabled:
-            self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
+        if not self.enabled:
+            return
+        if self.summary_step != self.last_step:
+            summary = {"step": self.last_step, **values}
+            try:
+                atomic_write(
+                    self.summary_path, (json.dumps(summary, indent=2) + "\n").encode(), "the run summary"
+                )
+                self.summary_step = self.last_step
+            except UserError as err:  # atomic_write's one line (a full disk, say)
+                warn(
+                    f"{err}. The run is complete, but ae.sweep and ae.report will count it as "
+                    "unfinished until a rerun writes it"
+                )
+        self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
 
     @staticmethod
     def _stored_run_id(out: Path) -> str:
@@ -320,21 +357,23 @@ class RunLogger:
         if path.exists():
             return path.read_text().strip()
         run_id = uuid.uuid4().hex[:8]
-        atomic_write(path, run_id.encode())
+        atomic_write(path, run_id.encode(), "the W&B run id")
         return run_id
 
     def log(self, record: dict[str, Any], step: int, epoch: int, image: np.ndarray | None = None) -> None:
         """Append one record to metrics.jsonl and W&B; `image` (HWC uint8) is the reconstruction grid."""
         if not self.enabled:
             return
+        self.last_step = max(self.last_step, step)
+        if self.summary_step is not None and step > self.summary_step:
+            self._forget_summary_before(step)
         row = {"step": step, "epoch": epoch, **record}
         if image is not None:
             path = self.images_dir / f"step_{step:07d}.png"
-            self.images_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, png_bytes(image))
+            ensure_folder(self.images_dir, "the reconstructions folder")
+            atomic_write(path, png_bytes(image), "the reconstruction grid")
             row["test/reconstructions"] = str(path.relative_to(self.metrics_path.parent))
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.metrics_path, json.dumps(row), "a metrics record to")
         if self._starting is not None and not self._starting.done:
             self._held.append(({"step": step, **record}, step, image))
             return
@@ -378,6 +417,15 @@ def _write_problem(folder: Path) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def _summary_step(path: Path) -> int | None:
+    """The step of a finished run's OUT/summary.json; None without one (or for an unreadable one)."""
+    try:
+        step = parse_json(path.read_bytes()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _step_of(line: str) -> int | None:
