@@ -166,12 +166,14 @@ class RunLogger:
 
     @contextlib.contextmanager
     def finished_on_error(self) -> Iterator[None]:
-        """Finish W&B (once it has started) if the code inside raises; the error goes on."""
+        """Finish W&B if the code inside raises; the error goes on. A start still under way is not
+        waited for (an interrupt must end the run at once): W&B's exit hook then ends it."""
         try:
             yield
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.finish()
+            if self._starting is None or self._starting.done:
+                with contextlib.suppress(Exception):
+                    self.finish()
             raise
 
     def _say(self, message: str, warning: bool = False) -> None:
