@@ -22,8 +22,8 @@ from ae.errors import UserError
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
-def parse_warmup(spec: str) -> int | float:
-    """`--warmup`: a whole number of steps ("500", an int) or a fraction of the run ("0.1", a float)."""
+def parse_run_point(flag: str, spec: str) -> int | float:
+    """A point in the run: a whole number of steps ("500", an int) or a fraction of the run ("0.1", a float)."""
     try:
         value = float(spec)
     except ValueError:
@@ -32,18 +32,26 @@ def parse_warmup(spec: str) -> int | float:
         return int(value)
     if 0 <= value < 1:
         return value
-    raise UserError(
-        f"--warmup must be a step count (500) or a fraction of the run below 1 (0.1), got {spec!r}"
-    )
+    raise UserError(f"{flag} must be a step count (500) or a fraction of the run below 1 (0.1), got {spec!r}")
+
+
+def run_point_steps(flag: str, spec: str, total_steps: int) -> int:
+    """A `parse_run_point` value in steps, for a run of `total_steps` steps."""
+    value = parse_run_point(flag, spec)
+    steps = value if isinstance(value, int) else round(value * total_steps)
+    if steps >= total_steps and steps > 0:
+        raise UserError(f"{flag} {spec} is {steps} steps, not shorter than the run ({total_steps} steps)")
+    return steps
+
+
+def parse_warmup(spec: str) -> int | float:
+    """`--warmup`: steps or a fraction of the run."""
+    return parse_run_point("--warmup", spec)
 
 
 def warmup_steps(spec: str, total_steps: int) -> int:
     """`--warmup` in steps, for a run of `total_steps` steps."""
-    value = parse_warmup(spec)
-    steps = value if isinstance(value, int) else round(value * total_steps)
-    if steps >= total_steps and steps > 0:
-        raise UserError(f"--warmup {spec} is {steps} steps, not shorter than the run ({total_steps} steps)")
-    return steps
+    return run_point_steps("--warmup", spec, total_steps)
 
 
 @dataclass(frozen=True)

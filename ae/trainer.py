@@ -59,6 +59,13 @@ from ae.metrics import (
 )
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import noise_generator, parse_noise
+from ae.optim import (
+    OPTIMIZER_BEFORE_KEY,
+    OPTIMIZER_RECIPE_KEYS,
+    build_average,
+    build_optimizer,
+    optimizer_recipe,
+)
 from ae.schedule import LRSchedule, warmup_steps
 from ae.stats import pixel_stats
 from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
@@ -78,6 +85,7 @@ RECIPE_KEYS = (
     "schedule_steps",
     "betas",
     "val_split",
+    *OPTIMIZER_RECIPE_KEYS,
 )
 # What checkpoints written before a key existed were trained with: the study's recipe.
 RECIPE_BEFORE_KEY = {
@@ -86,6 +94,7 @@ RECIPE_BEFORE_KEY = {
     "schedule_steps": None,
     "betas": [0.9, 0.999],
     "val_split": 0,
+    **OPTIMIZER_BEFORE_KEY,
 }
 
 
@@ -176,9 +185,7 @@ class Trainer:
         if path_note and acc.is_main_process:
             _say(f"note: {path_note}")
         # capturable stays False except while the CUDA graph is captured (ae.fast).
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=self.device.type == "cuda"
-        )
+        optimizer = build_optimizer(model, cfg, self.device)
         # DDP keeps every parameter's gradient accumulator, tied to the stream current when DDP is
         # built; a graph capturing the backward must run on that stream, so with the graph DDP is
         # built on the graph's side stream (PyTorch's CUDA-graph notes, "Usage with DDP").
@@ -219,6 +226,9 @@ class Trainer:
         self.schedule = LRSchedule(
             cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps
         )
+        self.average = build_average(acc.unwrap_model(self.model), cfg, self.total_steps)
+        if self.average is not None:  # saved and restored with the checkpoints
+            acc.register_for_checkpointing(self.average)
         self.recipe = {
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
@@ -232,6 +242,7 @@ class Trainer:
             "schedule_steps": None if cfg.schedule == "constant" else self.total_steps,
             "betas": list(cfg.adam_betas),
             "val_split": cfg.val_split,
+            **optimizer_recipe(cfg, self.average),
         }
 
         self.step = 0
@@ -516,6 +527,8 @@ class Trainer:
                 self.fast_step = None
         else:
             loss = self._eager_step(images)
+        if self.average is not None:
+            self.average.update(self.step)
         self.step_tensor += 1
         bad = ~torch.isfinite(loss)
         self.bad_steps += bad
@@ -669,7 +682,7 @@ class Trainer:
 
     def _test_metrics(self) -> tuple[dict[str, float], Any]:
         acc = self.accelerator
-        model = acc.unwrap_model(self.model)
+        model = self._evaluated_model()
         model.eval()
         classes = self.manifest["splits"][self.eval_source[0]]["classes"]
         sums = eval_sums(
@@ -696,6 +709,10 @@ class Trainer:
         self.final_metrics = metrics
         return metrics, grid
 
+    def _evaluated_model(self) -> torch.nn.Module:
+        """The weights evaluated and saved: their average with --average, else the trained ones."""
+        return self.average.module if self.average is not None else self.accelerator.unwrap_model(self.model)
+
     def _save_checkpoint(self) -> None:
         if self.last_checkpoint_step == self.step:
             return
@@ -718,8 +735,7 @@ class Trainer:
         """The final weights, as OUT/model.safetensors (written atomically by the main process)."""
         acc = self.accelerator
         weights = {
-            k: v.detach().float().cpu().contiguous()
-            for k, v in acc.unwrap_model(self.model).state_dict().items()
+            k: v.detach().float().cpu().contiguous() for k, v in self._evaluated_model().state_dict().items()
         }
         if self.world_size > 1:  # each rank's own weights, so that diverged replicas show
             _say(f"rank {self.rank}/{self.world_size}: final weights sha256 {weights_digest(weights)}")
@@ -749,7 +765,7 @@ class Trainer:
         acc = self.accelerator
         split, indices = self.eval_source
         classes = self.manifest["splits"][split]["classes"]
-        model = acc.unwrap_model(self.model)
+        model = self._evaluated_model()
         model.eval()
         rows = summarize_classes(self.eval_class_sums, classes)
         if acc.is_main_process:
