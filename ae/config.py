@@ -46,7 +46,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "max_steps": 400,
         "schedule": "onecycle",
         "lr": 2e-2,
-        "warmup": "0.25",
+        "warmup": "0.5",
         "batch_size": 512,
         "betas": "0.9,0.999",
     },

@@ -16,8 +16,11 @@ from tests.helpers import PYTHON, REPO, clean_env, metrics, ok, same_weights, tr
         ["--schedule", "onecycle", "--lr", "1e-2", "--warmup", "0.2"],
         # The sprint preset's schedule and optimizer options (averaging, clipping), over the same 384 steps.
         ["--recipe", "sprint", "--max-steps", str(12 * 32)],
+        # ... with every optimizer option on: the average and its count are restored too.
+        ["--recipe", "sprint", "--max-steps", str(12 * 32), "--optimizer", "adamw", "--weight-decay", "0.01"]
+        + ["--clip-grad-norm", "0.5", "--average", "ema", "--ema-decay", "0.9", "--average-start", "0.1"],
     ],
-    ids=["study", "onecycle", "sprint"],
+    ids=["study", "onecycle", "sprint", "sprint-options"],
 )
 def test_sigusr1_checkpoints_and_the_rerun_is_bit_identical(tiny_data, tmp_path, schedule):
     recipe = [
