@@ -198,3 +198,17 @@ def test_an_old_checkpoint_without_the_keys_means_plain_adam(tiny_data, tmp_path
     assert_one_line_error(train(*longer, "--optimizer", "adamw"), "optimizer 'adam' → 'adamw'")
     resumed = ok(train(*longer))
     assert f"resuming from {checkpoint}" in resumed.stdout and "done: 12 steps" in resumed.stdout
+
+
+def test_bottleneck_activity_sees_a_silenced_channel():
+    from bench.bottleneck import active_fractions
+
+    torch.manual_seed(0)
+    model = ConvAutoencoder()
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    healthy = active_fractions(model, images)
+    with torch.no_grad():
+        model.conv2.bias[1] = -100.0  # the control: this channel can no longer fire
+    silenced = active_fractions(model, images)
+    assert len(healthy) == 4 and healthy[1] > 0.01
+    assert silenced[1] == 0.0 and silenced[0] == healthy[0]
