@@ -88,47 +88,42 @@ def test_the_average_start_may_be_a_fraction_of_the_run():
         build_average(ConvAutoencoder(), _config(average="ema", average_start="400"), 400)
 
 
-@pytest.mark.parametrize(
-    ("flags", "needle"),
-    [
-        (["--weight-decay", "-0.1"], "--weight-decay must be a number in [0, 1]"),
-        (["--weight-decay", "nan"], "--weight-decay must be a number in [0, 1]"),
-        (["--ema-decay", "1"], "--ema-decay must be a number in (0, 1)"),
-        (["--ema-decay", "0"], "--ema-decay must be a number in (0, 1)"),
-        (["--clip-grad-norm", "0"], "--clip-grad-norm must be a number in (0, 1e+06]"),
-        (["--clip-grad-norm", "inf"], "--clip-grad-norm must be a number in (0, 1e+06]"),
-        (["--average-start", "1.5"], "--average-start must be a step count"),
-        (["--optimizer", "lion"], "--optimizer: invalid choice"),
-        (["--average", "mean"], "--average: invalid choice"),
-    ],
-)
-def test_new_numeric_flags_have_ranges(tmp_path, flags, needle):
+# A bad value of each new flag, and the start of its one-line error.
+BAD_VALUES = {
+    "--weight-decay -0.1": "--weight-decay must be a number in [0, 1]",
+    "--weight-decay nan": "--weight-decay must be a number in [0, 1]",
+    "--ema-decay 1": "--ema-decay must be a number in (0, 1)",
+    "--ema-decay 0": "--ema-decay must be a number in (0, 1)",
+    "--clip-grad-norm 0": "--clip-grad-norm must be a number in (0, 1e+06]",
+    "--clip-grad-norm inf": "--clip-grad-norm must be a number in (0, 1e+06]",
+    "--average-start 1.5": "--average-start must be a step count",
+    "--optimizer lion": "--optimizer: invalid choice",
+    "--average mean": "--average: invalid choice",
+}
+
+
+@pytest.mark.parametrize("flags", list(BAD_VALUES))
+def test_new_numeric_flags_have_ranges(tmp_path, flags):
     with pytest.raises(UserError) as err:
-        parse_args(["--data", str(tmp_path), *flags])
-    assert needle in str(err.value)
+        parse_args(["--data", str(tmp_path), *flags.split()])
+    assert BAD_VALUES[flags] in str(err.value)
     parse_args(
         ["--data", str(tmp_path), "--weight-decay", "1", "--ema-decay", "0.9", "--clip-grad-norm", "1e6"]
     )
+
+
+def _tiny(data, out, flags: str) -> list[str]:
+    """train.py flags for a run on the tiny data at batch 16, plus `flags`."""
+    return ["--data", str(data), "--out", str(out), "--batch-size", "16", *flags.split()]
 
 
 @pytest.fixture(scope="module")
 def ema_run(tiny_data, tmp_path_factory):
     """2 epochs of 16 steps with AdamW, clipping and an EMA from step 8."""
     out = tmp_path_factory.mktemp("ema") / "out"
-    flags = [
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-    ]
-    flags += ["--optimizer", "adamw", "--weight-decay", "0.01", "--clip-grad-norm", "1.0"]
-    flags += ["--average", "ema", "--ema-decay", "0.9", "--average-start", "8"]
+    options = "--optimizer adamw --weight-decay 0.01 --clip-grad-norm 1.0"
+    options += " --average ema --ema-decay 0.9 --average-start 8"
+    flags = _tiny(tiny_data, out, f"--epochs 2 --lr 1e-2 {options}")
     return out, flags, ok(train(*flags))
 
 
@@ -173,18 +168,7 @@ def test_a_changed_optimizer_option_on_resume_is_refused(ema_run, change, needle
 
 def test_an_old_checkpoint_without_the_keys_means_plain_adam(tiny_data, tmp_path):
     out = tmp_path / "old"
-    flags = [
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "8",
-    ]
+    flags = _tiny(tiny_data, out, "--epochs 1 --max-steps 8")
     ok(train(*flags))
     checkpoint = out / "checkpoints" / "step_0000008"
     state_file = checkpoint / "trainer_state.json"
