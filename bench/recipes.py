@@ -120,16 +120,18 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(path: Path) -> str:
     """Markdown: one line per run, then per name the mean and the worst PSNR over its seeds."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "psnr_db" in r]  # a run stopped by hand has no final evaluation
     lines = [
         "| name | flags | seed | split | epochs | steps | PSNR dB | BCE excess | steps to 20.48 dB | "
-        "train s to 20.48 dB | wall s |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "train s to 20.48 dB | wall s | bottleneck active |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | `{' '.join(r['flags'])}` | {r['seed']} | {r['split']} | {r['epochs']} | {r['steps']} | "
             f"{r['psnr_db']:.2f} | {r['bce_excess']:.4f} | {_fmt(r['steps_to_study_quality'], 'd')} | "
-            f"{_fmt(r['train_seconds_to_study_quality'], '.1f')} | {r['wall_s']:.0f} |"
+            f"{_fmt(r['train_seconds_to_study_quality'], '.1f')} | {r['wall_s']:.0f} | "
+            f"{' '.join(f'{a:.2f}' for a in r.get('bottleneck_active', [])) or '–'} |"
         )
     lines += [
         "",
