@@ -22,6 +22,12 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return total.item() > 0
 
 
+def every_rank(accelerator: Accelerator, ok: bool) -> bool:
+    """True on every rank only when `ok` is True on all of them (one all-reduce of one number)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == accelerator.num_processes
+
+
 def first_message(accelerator: Accelerator, message: str | None) -> str | None:
     """The lowest rank's non-None `message`, the same on every rank; None when no rank has one."""
     if accelerator.num_processes == 1:

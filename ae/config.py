@@ -87,6 +87,7 @@ RANGES: dict[str, tuple[str, int, int | None]] = {
     "--keep-checkpoints": ("keep_checkpoints", 1, 1000),
     "--data-workers": ("data_workers", 1, None),
     "--dist-timeout": ("dist_timeout", 1, 7 * 24 * 3600),
+    "--profile": ("profile", 1, 1000),
 }
 
 
@@ -134,9 +135,15 @@ class TrainConfig:
     verify_data: bool = True
     on_nan: str = "stop"
     dist_timeout: int = 300
+    profile: int | None = None  # steps to trace with torch.profiler (ae.profiling)
     inject_nan_at_step: tuple[int, int | None] | None = field(
         default=None, repr=False
     )  # test hook: step, rank
+    # Test hooks that break the run on purpose, for gpu_check's negative controls (ae.faults).
+    inject_stop_at_step: tuple[int, int | None] | None = field(default=None, repr=False)  # step, rank
+    inject_lr_scale: float | None = field(default=None, repr=False)  # the optimizer gets lr x this
+    inject_no_resume: bool = field(default=False, repr=False)  # ignore OUT/checkpoints
+    inject_perturb_rank: int | None = field(default=None, repr=False)  # that rank's final weights + 1e-3
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -304,7 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help=f"seconds before a stuck collective fails; {_range('--dist-timeout')}",
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="STEPS",
+        help=f"trace STEPS training steps with torch.profiler: OUT/profile/ (Chrome trace) and the top ops in the log; {_range('--profile')}",
+    )
     p.add_argument("--inject-nan-at-step", type=_step_and_rank, help=argparse.SUPPRESS)  # STEP[:RANK]
+    p.add_argument("--inject-stop-at-step", type=_step_and_rank, help=argparse.SUPPRESS)  # STEP[:RANK]
+    p.add_argument("--inject-lr-scale", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--inject-no-resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--inject-perturb-rank", type=int, help=argparse.SUPPRESS)
     return p
 
 

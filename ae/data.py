@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from queue import Empty, Queue
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ae.beton import BetonFile, beton_path
+from ae.devices import with_index
 from ae.errors import UserError
 
 if TYPE_CHECKING:
@@ -98,25 +101,78 @@ def _ffcv_loader(
         )
 
 
+class DataThreadError(RuntimeError):
+    """A data thread died or stalled: raised in the consumer, with the thread's own error as the cause."""
+
+
+BATCH_WAIT_S = 300.0  # the longest a consumer waits for one batch from a data thread that is alive
+_POLL_S = 0.2  # how often a waiting consumer looks whether the thread is still alive
+
+
+def get_from_thread(queue: Queue, thread: threading.Thread, failure: list[BaseException], what: str) -> Any:
+    """The next item of `queue`, filled by `thread`; never an unbounded wait.
+
+    Raises `DataThreadError` within `_POLL_S` once the thread has ended without queuing anything more
+    (its exception, if it recorded one in `failure`, is the cause), and after `BATCH_WAIT_S` of
+    waiting on a live thread that queues nothing.
+    """
+    waited = 0.0
+    while True:
+        try:
+            return queue.get(timeout=_POLL_S)
+        except Empty:
+            pass
+        if not thread.is_alive():
+            try:  # it may have queued its last item just before it ended
+                return queue.get_nowait()
+            except Empty:
+                pass
+            cause = failure[0] if failure else None
+            reason = f"{type(cause).__name__}: {cause}" if cause else "it ended without saying why"
+            raise DataThreadError(f"{what} died before its next batch ({reason})") from cause
+        waited += _POLL_S
+        if waited >= BATCH_WAIT_S:
+            raise DataThreadError(f"{what} gave no batch in {BATCH_WAIT_S:.0f} s: it is stuck")
+
+
 @functools.cache
 def _epoch_on_device_class() -> type:
-    """FFCV's epoch thread with its CUDA device set to the loader's (FFCV imported on first use).
+    """FFCV's epoch thread on the loader's CUDA device, whose failures reach the consumer (FFCV imported
+    on first use).
 
-    A new thread starts on GPU 0, and FFCV's thread enters `torch.cuda.stream(...)` and waits on
-    events there (FFCV PR #190): without this, every process of a multi-GPU run would open a CUDA
-    context on GPU 0. The main thread's device is set by Accelerate (one GPU per process).
+    The device: a new thread starts on GPU 0, and FFCV's thread enters `torch.cuda.stream(...)` and
+    waits on events there (FFCV PR #190): without setting it, every process of a multi-GPU run would
+    open a CUDA context on GPU 0. `device` must carry its index (`ae.devices.with_index`, in the
+    main thread): `set_device(torch.device("cuda"))` raises.
+    Failures: FFCV's own `__next__` waits on its queue with no timeout, so a thread that dies (a
+    device error, a corrupt page, a numba error) would leave the training loop blocked forever.
+    Here the thread records its exception and the consumer's wait is bounded (`get_from_thread`).
     """
-    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 
     class EpochOnDevice(EpochIterator):
         def __init__(self, loader: Loader, order: np.ndarray, device: torch.device):
             self.device = device
+            self.failure: list[BaseException] = []
             super().__init__(loader, order)
 
         def run(self) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            super().run()
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                super().run()
+            except BaseException as err:  # re-raised in the consumer, by get_from_thread
+                self.failure.append(err)
+
+        def __next__(self) -> Any:  # FFCV's, with a bounded wait
+            result = get_from_thread(self.output_queue, self, self.failure, "FFCV's data thread")
+            if result is None:
+                self.close()
+                raise StopIteration
+            slot, batch = result
+            if IS_CUDA:
+                self.current_stream.wait_stream(self.cuda_streams[slot])  # the batch's copy
+            return batch
 
     return EpochOnDevice
 
@@ -136,6 +192,7 @@ def stream_batches(loader: Loader, order: np.ndarray, device: torch.device) -> I
     steps, or the CPU) the wait costs nothing. Blocking copies would also be safe, but stall
     FFCV's thread on every batch.
     """
+    device = with_index(device)  # here, in the consuming thread: FFCV's thread must be told which GPU
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), _torch_threads_kept():
         iterator = _epoch_on_device_class()(loader, order, device)
     try:
@@ -179,7 +236,7 @@ class FFCVBatches:
             indices=indices,
         )
         self.batch_size = batch_size
-        self.device = device
+        self.device = with_index(device)
 
     def __len__(self) -> int:
         return len(self.loader)

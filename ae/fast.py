@@ -14,8 +14,10 @@ notes). `step_body` is that math, and it runs eagerly on CPUs too, where a test 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +26,31 @@ from ae.metrics import bce_loss
 from ae.noise import Corruption, noise_generator
 
 WARMUP_STEPS = 3
+NCCL_GRAPH_MIN = (2, 9, 6)  # the first NCCL whose collectives a CUDA graph can capture
+# Settings under which a captured all-reduce is not safe: blocking wait and the NaN check act per
+# collective on the host or add kernels, which a replayed graph does not do.
+NCCL_GRAPH_UNSAFE_ENV = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT", "TORCH_NCCL_NAN_CHECK")
+
+
+def multi_gpu_graph_problem(
+    env: Mapping[str, str] | None = None, nccl: tuple[int, ...] | None = None
+) -> str | None:
+    """Why several processes cannot take the graph path here (then they train with eager DDP), else None.
+
+    A captured all-reduce needs NCCL ≥ 2.9.6, eager warm-up steps before capture (the communicator is
+    set up on the first collective), and none of NCCL_GRAPH_UNSAFE_ENV set. `nccl` defaults to the
+    version torch was built with.
+    """
+    env = os.environ if env is None else env
+    nccl = nccl if nccl is not None else tuple(torch.cuda.nccl.version())
+    if nccl < NCCL_GRAPH_MIN:
+        return f"NCCL {'.'.join(map(str, nccl))} cannot capture collectives (needs 2.9.6 or later)"
+    unsafe = [name for name in NCCL_GRAPH_UNSAFE_ENV if env.get(name, "0") not in ("", "0")]
+    if unsafe:
+        return f"{', '.join(unsafe)} set: a captured all-reduce would bypass it"
+    if WARMUP_STEPS < 1:
+        return "no warm-up steps before capture"
+    return None
 
 
 def choose_step_path(
@@ -33,6 +60,7 @@ def choose_step_path(
     on_nan: str,
     fast: bool | None,
     nan_injection: bool = False,
+    multi_gpu_problem: Callable[[], str | None] = multi_gpu_graph_problem,
 ) -> tuple[bool, str | None]:
     """Whether to train with the whole-step CUDA graph, and the one line to print about it (or None).
 
@@ -48,11 +76,67 @@ def choose_step_path(
     if on_nan == "skip" or nan_injection:
         return False, "--on-nan skip undoes steps one at a time: training eagerly"
     if world_size > 1:
+        problem = multi_gpu_problem()
+        if problem:
+            return False, f"{problem}: training with eager DDP on {world_size} processes"
         return True, (
             f"CUDA graph on {world_size} processes: gradients averaged by one flat all-reduce "
             "inside the graph (--no-fast: eager DDP)"
         )
     return True, None
+
+
+@dataclass
+class StepPathLog:
+    """Which step path ran in this process, counted on the host (no sync): what `train/step_path` says.
+
+    `train/step_path` is `graph` while the CUDA graph is in use (warm-up steps, replays, and the
+    eager partial batches it cannot take), `eager` when it was never chosen, and `eager (capture
+    failed: ...)` after a failed capture; `train/graph_replays` counts the replays, so a check can
+    see that the graph really ran for every step it should have.
+    """
+
+    planned: bool
+    graph_replays: int = 0
+    graph_warmup_steps: int = 0
+    eager_steps: int = 0
+    capture_failed: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.capture_failed:
+            return f"eager (capture failed: {self.capture_failed})"
+        return "graph" if self.planned else "eager"
+
+    def figures(self) -> dict[str, str | int]:
+        return {
+            "train/step_path": self.path,
+            "train/graph_replays": self.graph_replays,
+            "train/graph_warmup_steps": self.graph_warmup_steps,
+            "train/eager_steps": self.eager_steps,
+        }
+
+
+def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next step will read: the optimizer's own value (a device tensor under the
+    graph, read back here: call it at log time only), not what the host schedule computed."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+@contextmanager
+def current_stream_kept() -> Iterator[None]:
+    """Leave the current CUDA stream as it was, even when the body raises.
+
+    torch's `torch.cuda.graph.__exit__` makes the capture stream current and restores the previous
+    stream only after `capture_end` returns: when `capture_end` raises, the side stream stays current,
+    and every later kernel would run outside the ordering FFCV's copies and the eager steps rely on.
+    """
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    finally:
+        if torch.cuda.current_stream() != stream:
+            torch.cuda.set_stream(stream)
 
 
 class FlatGradients:
@@ -124,6 +208,7 @@ class CudaGraphStep:
         agree: Callable[[bool], bool] = lambda ok: ok,
         stream: torch.cuda.Stream | None = None,
         image_shape: tuple[int, int, int] = (3, 32, 32),
+        log: StepPathLog | None = None,
     ):
         self.forward = forward
         self.optimizer = optimizer
@@ -142,6 +227,7 @@ class CudaGraphStep:
         self.static_loss: torch.Tensor | None = None
         self.warmup_left = WARMUP_STEPS
         self.failed: str | None = None
+        self.log = log or StepPathLog(planned=True)
 
     def _clear_grads(self) -> None:
         if self.flat is not None:
@@ -162,12 +248,14 @@ class CudaGraphStep:
             )
         if self.graph is not None:
             self.graph.replay()
+            self.log.graph_replays += 1
             return self.static_loss
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
             self._clear_grads()
             loss = self._body()
         torch.cuda.current_stream().wait_stream(self.side_stream)
+        self.log.graph_warmup_steps += 1
         self.warmup_left -= 1
         if self.warmup_left == 0:
             self._capture()
@@ -181,7 +269,10 @@ class CudaGraphStep:
         try:
             self._set_capturable(True)
             # thread_local: FFCV's thread keeps copying batches meanwhile, which must not void the capture.
-            with torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"):
+            with (
+                current_stream_kept(),
+                torch.cuda.graph(graph, stream=self.side_stream, capture_error_mode="thread_local"),
+            ):
                 self.static_loss = self._body()
         except Exception as err:  # any capture failure means eager steps, never a crash
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -189,6 +280,7 @@ class CudaGraphStep:
             self._set_capturable(False)
         if not self.agree(error is None):
             self.failed = error or "capture failed on another process"
+            self.log.capture_failed = self.failed
             self.static_loss = None
             self.optimizer.zero_grad(set_to_none=True)
             return

@@ -89,11 +89,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAuto
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """`cuda` if available when `name` is None; a one-line error for a device this machine lacks."""
+    """`cuda:N` if available when `name` is None; a one-line error for a device this machine lacks.
+
+    A CUDA device always comes back with its index (`cuda` → `cuda:current`, `ae.devices`).
+    """
     import torch
 
+    from ae.devices import with_index
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return with_index("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -107,7 +112,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     elif device.type != "cpu":
         raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
-    return device
+    return with_index(device)
 
 
 def noise_arg(spec: str | None) -> Corruption | None:

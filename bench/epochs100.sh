@@ -41,7 +41,7 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 flags=(--mixed-precision "$MIXED_PRECISION" --log-every "$LOG_EVERY")
-[[ ${DATA_ON_DEVICE:-1} == 1 ]] && flags+=(--data-on-device)
+if [[ ${DATA_ON_DEVICE:-1} == 1 ]]; then flags+=(--data-on-device); else flags+=(--stream); fi
 [[ ${COMPILE:-0} == 1 ]] && flags+=(--compile)
 
 mkdir -p "$OUT"

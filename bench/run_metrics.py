@@ -7,7 +7,16 @@ from pathlib import Path
 
 
 def metrics_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The rows of OUT/metrics.jsonl; a torn last line (a run still writing it, or killed) is skipped."""
+    lines = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return rows
 
 
 def training_seconds(out: Path) -> tuple[float, float]:

@@ -21,6 +21,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -55,6 +56,7 @@ MAX_ARCHIVE_MEMBERS = 1000
 # Decode image folders in worker processes only when there are this many files to read.
 PARALLEL_MIN_FILES = 4000
 _DECODE_CHUNK = 500
+DECODE_CHUNK_TIMEOUT_S = 300.0  # one chunk takes well under a second
 
 
 @dataclass(frozen=True)
@@ -426,8 +428,17 @@ def decode_files(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
     done = 0
     try:
-        for result in pool.map(_decode_chunk, chunks):
-            take(result)
+        futures = [pool.submit(_decode_chunk, chunk) for chunk in chunks]
+        for future in futures:
+            try:  # bounded: a worker that is alive but stuck is an error, not a hang
+                take(future.result(timeout=DECODE_CHUNK_TIMEOUT_S))
+            except FutureTimeout:
+                for worker in list(pool._processes.values()):  # shutdown() alone would wait for them
+                    worker.kill()
+                raise UserError(
+                    f"decoding {_DECODE_CHUNK} images took over {DECODE_CHUNK_TIMEOUT_S:.0f} s in a worker "
+                    "process: it is stuck (a file on a hung network mount?); check the source and rerun"
+                ) from None
             done += 1
     except BrokenProcessPool:  # a worker died (out of memory?): finish in this process
         for chunk in chunks[done:]:

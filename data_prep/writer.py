@@ -44,6 +44,7 @@ from data_prep.sources import (
 LOCK_NAME = ".data_prep.lock"
 _TMP_SUFFIX = ".tmp"
 _WRITE_CHUNK = 1000
+WRITE_STALL_S = 300.0  # a writer thread that writes no chunk for this long is stuck: an error, not a hang
 # FFCV's smallest page (2 MiB; its default is 8 MiB): a page is the unit the loader reads, and with
 # one writer only the last page is partly empty, so small betons stay small.
 PAGE_SIZE = 1 << 21
@@ -146,9 +147,15 @@ def write_beton(
         )
         try:
             thread.start()
-            shown = 0
+            shown, progressed = 0, time.monotonic()
             while thread.is_alive():
                 thread.join(0.1)
+                if done.value != shown:
+                    progressed = time.monotonic()
+                elif time.monotonic() - progressed > WRITE_STALL_S:  # no wait here is unbounded
+                    raise RuntimeError(
+                        f"FFCV's writer thread for {path} wrote nothing in {WRITE_STALL_S:.0f} s: it is stuck"
+                    )
                 bar.update(done.value - shown)
                 shown = done.value
             bar.update(done.value - shown)

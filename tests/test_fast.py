@@ -90,3 +90,27 @@ def test_flat_all_reduce_gives_ddps_update_on_two_gloo_processes(tmp_path):
         for ddp, flat, initial in zip(result["ddp"], result["flat"], result["initial"], strict=True):
             assert torch.equal(ddp, flat)  # bit-identical to DDP's bucketed all-reduce (2 ranks)
             assert not torch.equal(ddp, initial)  # and the model really trained
+
+
+@pytest.mark.parametrize(
+    ("env", "nccl", "says"),
+    [
+        ({}, (2, 30, 7), None),
+        ({"TORCH_NCCL_BLOCKING_WAIT": "0"}, (2, 9, 6), None),
+        ({}, (2, 9, 5), "NCCL 2.9.5 cannot capture"),
+        ({"TORCH_NCCL_BLOCKING_WAIT": "1"}, (2, 30, 7), "TORCH_NCCL_BLOCKING_WAIT set"),
+        ({"TORCH_NCCL_NAN_CHECK": "1"}, (2, 30, 7), "TORCH_NCCL_NAN_CHECK set"),
+    ],
+)
+def test_several_gpus_fall_back_to_ddp_where_a_captured_all_reduce_is_unsafe(env, nccl, says):
+    from ae.fast import WARMUP_STEPS, multi_gpu_graph_problem
+
+    assert WARMUP_STEPS >= 1  # the communicator is set up by a warm-up step's all-reduce, before capture
+    problem = multi_gpu_graph_problem(env, nccl)
+    assert problem is None if says is None else says in problem
+    use_graph, note = choose_step_path("cuda", 4, "no", "stop", None, multi_gpu_problem=lambda: problem)
+    assert use_graph is (says is None)
+    assert ("eager DDP on 4 processes" in note) is (says is not None) and "\n" not in note
+    assert choose_step_path("cuda", 1, "no", "stop", None, multi_gpu_problem=lambda: "x")[
+        0
+    ]  # one GPU: no all-reduce

@@ -617,7 +617,7 @@ def test_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_bit_identic
 ):
     """SIGUSR1 to rank 1 only, at two seeded steps off the agreement points (every 10 steps and each
     epoch end); after each stop the same command resumes; the end equals the uninterrupted run."""
-    from ae.trainer import STOP_SYNC_EVERY
+    from ae.stopping import STOP_SYNC_EVERY
 
     out = tmp_path / "out"
     rng = random.Random(STOP_SEED)
