@@ -1,9 +1,10 @@
 """The recipe a run trains with, and the rule for resuming: only the same recipe continues a run.
 
 The recipe is what decides the weights (learning rate, batch size, seed, noise, world size, the
-training data, the schedule, the betas, the held-out part, the optimizer options of `ae.optim`). It is stored in every checkpoint;
-resuming with another recipe is refused with one line naming what changed. Keys added later are
-read from old checkpoints as the value they were trained with (`RECIPE_BEFORE_KEY`).
+training data, the schedule, the betas, the held-out part, the optimizer options of `ae.optim`).
+It is stored in every checkpoint; resuming with another recipe is refused with one line naming
+what changed. Keys added later are read from old checkpoints as the value they were trained with
+(`RECIPE_BEFORE_KEY`).
 """
 
 from __future__ import annotations
