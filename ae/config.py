@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python train.py",
         description="Train the CIFAR-10 convolutional autoencoder. Defaults are the study's recipe.",
-        epilog=f"Recipes (--recipe): {_preset_table()}.",
+        epilog=f"Recipes (--recipe): {_preset_table()}. Test PSNR over seeds 0, 1, 2, measured on a 2-core CPU "
+        "box without a GPU (step counts are the same on any machine).",
     )
     p.add_argument(
         "--data",
