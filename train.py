@@ -14,6 +14,14 @@ import time
 
 STARTED = time.perf_counter()
 
+from ae.interrupt import stop_on_signals  # noqa: E402
+
+stop_on_signals()  # first: Ctrl-C during the imports below is one line, not a traceback
+
+from ae.environment import check_at_start_up, check_wandb_folders  # noqa: E402
+
+check_at_start_up(train=True)  # before anything reads LOCAL_RANK, OMP_NUM_THREADS, ...
+
 from ae.launch import (  # noqa: E402
     end_with_parent,
     exit_without_finalizing,
@@ -35,6 +43,7 @@ def _say(message: str) -> None:
 @friendly_errors
 def main() -> None:
     cfg = parse_args()  # bad flags fail fast, before the heavy imports below
+    check_wandb_folders(cfg.wandb_mode)
     # Before the process group forms: a long download must not run into --dist-timeout.
     prepare_if_missing(cfg.data, cfg.source, preparer=os.environ.get("LOCAL_RANK", "0") == "0", log=_say)
     from ae.trainer import Trainer

@@ -13,6 +13,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
+from ae.errors import UserError
+
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank when `flag` is True on any of them (one all-reduce of one number)."""
@@ -46,6 +48,6 @@ def first_failure(accelerator: Accelerator, action: Callable[[], None]) -> str |
     problem = None
     try:
         action()
-    except (OSError, RuntimeError, SafetensorError) as err:
+    except (OSError, RuntimeError, SafetensorError, UserError) as err:
         problem = getattr(err, "strerror", None) or " ".join(str(err).split())
     return first_message(accelerator, problem)

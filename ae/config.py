@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ae.errors import SEED_MAX, OneLineParser, UserError, check_range
+from ae.errors import SEED_MAX, STEPS_MAX, OneLineParser, UserError, check_range
 from ae.noise import parse_noise
 from ae.schedule import SCHEDULES, parse_run_point, parse_warmup
 
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     import torch
 
 
-STEPS_MAX = 10**9
 LR_MAX = 10.0
 CLIP_MAX = 1e6
 # Memory one image of a batch takes in a training step: about 300 kB measured (fp32, CPU), doubled.
@@ -379,6 +378,11 @@ def validate(cfg: TrainConfig) -> None:
     check_float("--ema-decay", cfg.ema_decay, 0.0, 1.0, "e.g. 0.99", low_open=True, high_open=True)
     if cfg.clip_grad_norm is not None:
         check_float("--clip-grad-norm", cfg.clip_grad_norm, 0.0, CLIP_MAX, "e.g. 1.0", low_open=True)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(
+            f"--out {cfg.out} is a file: --out must be a folder (the run writes its checkpoints, metrics "
+            "and model into it); choose a folder path"
+        )
     if cfg.data.exists() and not cfg.data.is_dir():
         raise UserError(
             f"--data {cfg.data} is not a folder: make it with `python -m data_prep --out DIR` and pass that"

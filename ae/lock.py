@@ -9,9 +9,14 @@ one line. A clean exit empties the file.
 Cluster file systems: `flock` works across hosts on NFSv4 and on Lustre mounted with `-o flock`,
 but not on every mount (local-only locks, or ENOSYS). Where it does not hold, a holder on the same
 host is still recognised from its pid and start time; a holder on another host cannot be checked
-and is taken over, and the take-over line names it so that it can be checked by hand. A requeued
-Slurm job (same SLURM_JOB_ID, new start) takes its lock back at once, even while the file system
-still reports its previous start as the holder (an NFS lock outlives its client for a while).
+and is taken over, and the take-over line names it so that it can be checked by hand.
+
+A requeued Slurm job takes its lock back at once, even while the file system still reports its
+previous start as the holder (an NFS lock outlives its client for a while), but only with proof
+that the previous start is gone: the same SLURM_JOB_ID with a higher SLURM_RESTART_COUNT (Slurm
+ends every process of a job before it starts it again), and no live process of that pid and start
+time on this host. A second step of the same allocation (same job, same restart count, another
+SLURM_STEP_ID), or a second start of the same step, is refused like any other live holder.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ae.errors import UserError
+from ae.files import write_failure
 
 LOCK_NAME = "train.lock"
 
@@ -47,6 +53,8 @@ def _this_process() -> dict[str, Any]:
         "pid": pid,
         "process_start": _process_start(pid),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -58,8 +66,31 @@ def describe(holder: dict[str, Any]) -> str:
     parts = [f"host {holder['host']}", f"pid {holder.get('pid')}"]
     if holder.get("slurm_job_id"):
         parts.append(f"Slurm job {holder['slurm_job_id']}")
+        if holder.get("slurm_step_id") is not None:
+            parts.append(f"step {holder['slurm_step_id']}")
+        parts.append(f"restart {holder.get('slurm_restart_count', 0)}")
     parts.append(f"started {holder.get('started')}")
     return ", ".join(parts)
+
+
+def _alive_here(holder: dict[str, Any] | None) -> bool:
+    """Is the holder a live process on this host (same pid, same start time), other than this one?"""
+    return bool(
+        holder
+        and holder.get("host") == socket.gethostname()
+        and holder.get("pid") != os.getpid()
+        and isinstance(holder.get("pid"), int)
+        and _process_start(holder["pid"]) == holder.get("process_start")
+    )
+
+
+def _previous_start_of_this_job(holder: dict[str, Any] | None, me: dict[str, Any]) -> bool:
+    """Proof that the holder is an earlier start of this Slurm job, now gone: the same job id, a lower
+    restart count (Slurm ends a job's processes before it requeues it), and not alive on this host."""
+    if not holder or not me["slurm_job_id"] or holder.get("slurm_job_id") != me["slurm_job_id"]:
+        return False
+    restarts = holder.get("slurm_restart_count", 0)
+    return isinstance(restarts, int) and restarts < me["slurm_restart_count"] and not _alive_here(holder)
 
 
 class RunLock:
@@ -87,20 +118,14 @@ class RunLock:
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 return True
-        here = socket.gethostname()
-        return bool(
-            holder
-            and holder.get("host") == here
-            and holder.get("pid") != os.getpid()
-            and _process_start(int(holder.get("pid", 0))) == holder.get("process_start")
-        )
+        return _alive_here(holder)
 
     def acquire(self) -> str | None:
         """Take the lock, or raise UserError naming the live holder; returns a take-over note, if any."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         holder = self._holder()
         me = _this_process()
-        requeued = bool(holder and me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"])
+        requeued = _previous_start_of_this_job(holder, me)
         if self._locked_elsewhere(holder) and not requeued:
             os.close(self.fd)
             self.fd = None
@@ -111,13 +136,17 @@ class RunLock:
         note = None
         if requeued:
             note = (
-                f"Slurm job {me['slurm_job_id']} was requeued: taking back {self.path} ({describe(holder)})"
+                f"Slurm job {me['slurm_job_id']} was requeued (restart {me['slurm_restart_count']}): "
+                f"taking back {self.path} from its previous start ({describe(holder)})"
             )
         elif holder is not None:
             note = f"taking over {self.path} from a run that is gone ({describe(holder)})"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(me).encode() + b"\n", 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(me).encode() + b"\n", 0)
+            os.fsync(self.fd)
+        except OSError as err:  # a full disk, a quota
+            raise write_failure(err, "the run lock", self.path) from None
         atexit.register(self.release)
         return note
 

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ae.fast import WARMUP_STEPS
-from ae.files import atomic_write
+from ae.files import atomic_write, write_failure
 
 SKIP_STEPS = WARMUP_STEPS + 2
 TOP_OPS = 15
@@ -63,8 +63,12 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / f"trace_rank{self.rank}.json"
         partial = trace.with_name(f".{trace.name}.{os.getpid()}.tmp")
-        profiler.export_chrome_trace(str(partial))
-        partial.replace(trace)
+        try:  # torch writes the trace itself: a temporary file renamed into place, as atomic_file does
+            profiler.export_chrome_trace(str(partial))
+            partial.replace(trace)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise write_failure(err, "the profile trace", trace) from None
         sort = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
         top = profiler.key_averages().table(sort_by=sort, row_limit=TOP_OPS)
         atomic_write(self.folder / f"top_ops_rank{self.rank}.txt", top.encode())

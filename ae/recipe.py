@@ -15,9 +15,11 @@ from typing import Any
 from ae import checkpoint
 from ae.config import TrainConfig
 from ae.errors import UserError
+from ae.model import ConvAutoencoder
 from ae.noise import Corruption
 from ae.optim import OPTIMIZER_BEFORE_KEY, OPTIMIZER_RECIPE_KEYS, WeightAverage, optimizer_recipe
 from ae.schedule import LRSchedule
+from ae.weights import model_signature
 
 RECIPE_KEYS = (
     "lr",
@@ -78,7 +80,7 @@ def resume_point(out: Path, recipe: dict[str, Any], fresh: bool) -> tuple[Path, 
     """
     if fresh:
         return None
-    latest = checkpoint.latest_valid(out / "checkpoints")
+    latest = checkpoint.latest_valid(out / "checkpoints", model_signature(ConvAutoencoder()))
     if latest is None:
         return None
     state = checkpoint.read_state(latest)

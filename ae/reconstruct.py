@@ -16,21 +16,30 @@ and reports PSNRs against the clean image. --side-by-side also writes DIR/<stem>
 original | (noisy |) reconstruction.
 
 One line per image: input, size, output, PSNR of the output against the (clean) input.
+
+Memory: an image is decoded once, into uint8; its reconstruction is kept as uint8 too (with --noise
+also the noisy input), while the model works on batches of tiles within a pixel budget, each window
+cut (and padded) from the image on its own. The PNGs are encoded and written band by band of rows,
+so no float copy, padded copy, side-by-side canvas or encoded file of the whole image is ever held.
 """
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import sys
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ae.errors import SEED_MAX, OneLineParser, UserError, check_range, friendly_errors
-from ae.files import atomic_write, made_folder, png_bytes, refuse_overwriting
+from ae.files import atomic_file, made_folder, refuse_overwriting
 from ae.weights import load_model, noise_arg, resolve_device, resolve_model_path
 
 if TYPE_CHECKING:  # torch is imported on first use: missing or unreadable images are reported at once
@@ -46,6 +55,8 @@ DEFAULT_TILE = 512
 PIXEL_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 22}
 BATCH_SIZE_MAX = 4096
 NOISE_ROWS = 256  # noise is drawn in bands of this many rows (fixed, so it depends only on seed and size)
+PNG_ROWS = 256  # rows encoded per band when writing a PNG
+PNG_LEVEL = 4  # zlib level of the written PNGs
 SIDE_GAP = 8  # white pixels between the panels of a side-by-side image
 # For folder arguments: files with these extensions are taken as images (others are ignored).
 IMAGE_EXTENSIONS = frozenset(
@@ -149,13 +160,35 @@ def check_image(path: Path) -> tuple[int, int]:
         ) from None
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    try:
-        atomic_write(path, png_bytes(image))
-    except OSError as err:
-        raise UserError(
-            f"cannot write {path} ({err.strerror or _one_line(err)}): choose another --out"
-        ) from None
+class PngRows:
+    """Encode an RGB uint8 image as a PNG into `file`, band by band of rows (each row "Sub"-filtered)."""
+
+    def __init__(self, file: Any, width: int, height: int, level: int = PNG_LEVEL):
+        self.file, self.width, self.height, self.rows = file, width, height, 0
+        self.zlib = zlib.compressobj(level)
+        file.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self.file.write(struct.pack(">I", len(data)) + kind + data)
+        self.file.write(struct.pack(">I", zlib.crc32(kind + data)))
+
+    def add(self, rows: np.ndarray) -> None:
+        """Append rows (N, width, 3) uint8."""
+        flat = rows.reshape(len(rows), self.width * 3)
+        line = np.empty((len(rows), 1 + self.width * 3), dtype=np.uint8)
+        line[:, 0] = 1  # filter "Sub": each byte less the same channel of the pixel to its left
+        line[:, 1:4] = flat[:, :3]
+        np.subtract(flat[:, 3:], flat[:, :-3], out=line[:, 4:])
+        self.rows += len(rows)
+        data = self.zlib.compress(line.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+
+    def finish(self) -> None:
+        assert self.rows == self.height, (self.rows, self.height)
+        self._chunk(b"IDAT", self.zlib.flush())
+        self._chunk(b"IEND", b"")
 
 
 def side_by_side(panels: list[np.ndarray], gap: int = SIDE_GAP) -> np.ndarray:
@@ -167,15 +200,13 @@ def side_by_side(panels: list[np.ndarray], gap: int = SIDE_GAP) -> np.ndarray:
     return canvas
 
 
-def uint8_psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two uint8 images in [0, 1] units, summed in bands so large images need little memory."""
-    from ae.metrics import psnr_db
-
-    total = 0.0
+def squared_error(a: np.ndarray, b: np.ndarray) -> int:
+    """Sum of squared differences of two uint8 images, in bands so large images need little memory."""
+    total = 0
     for r in range(0, a.shape[0], NOISE_ROWS):
         diff = a[r : r + NOISE_ROWS].astype(np.int32) - b[r : r + NOISE_ROWS].astype(np.int32)
-        total += float(np.square(diff, dtype=np.int64).sum())
-    return psnr_db(total / (a.size * 255.0**2))
+        total += int(np.square(diff, dtype=np.int64).sum())
+    return total
 
 
 def add_noise(image: np.ndarray, corruption: Corruption, seed: int) -> np.ndarray:
@@ -201,16 +232,30 @@ def add_noise(image: np.ndarray, corruption: Corruption, seed: int) -> np.ndarra
 # ------------------------------------------------------------------ padding and tiles
 
 
+def padded_index(start: int, stop: int, size: int, multiple: int = MULTIPLE) -> np.ndarray:
+    """Source positions of positions start..stop of an axis of `size` padded at the end to a multiple
+    of `multiple`: reflected (without repeating the edge), or the edge repeated if the axis is too short."""
+    index = np.arange(start, stop)
+    over = index >= size
+    reflect = round_up(size, multiple) - size < size
+    index[over] = 2 * (size - 1) - index[over] if reflect else size - 1
+    return index
+
+
 def pad_to_multiple(image: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
     """Pad H,W,C at the bottom and right to multiples of `multiple`: reflect, or replicate if too small."""
     h, w = image.shape[:2]
-    for axis, size in ((0, h), (1, w)):
-        pad = round_up(size, multiple) - size
-        if pad:
-            widths = [(0, 0)] * image.ndim
-            widths[axis] = (0, pad)
-            image = np.pad(image, widths, mode="reflect" if pad < size else "edge")
-    return image
+    rows = padded_index(0, round_up(h, multiple), h, multiple)
+    cols = padded_index(0, round_up(w, multiple), w, multiple)
+    return image[rows[:, None], cols[None, :]]
+
+
+def window(image: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """`pad_to_multiple(image)[y0:y1, x0:x1]`, without padding (or copying) the whole image."""
+    h, w = image.shape[:2]
+    if y1 <= h and x1 <= w:
+        return image[y0:y1, x0:x1]
+    return image[padded_index(y0, y1, h)[:, None], padded_index(x0, x1, w)[None, :]]
 
 
 @dataclass(frozen=True)
@@ -248,8 +293,9 @@ def plan_tiles(h: int, w: int, tile: int, margin: int = MARGIN) -> list[Tile]:
 @dataclass(eq=False)
 class _Pending:
     key: Any
-    out: torch.Tensor
+    out: torch.Tensor  # a band of output rows, from `row0` on
     remaining: int
+    row0: int = 0
 
 
 @dataclass
@@ -275,26 +321,49 @@ class TileRunner:
         """For each (key, uint8 H,W,3 image): (key, reconstruction H,W,3) as uint8 (default) or `dtype` in [0, 1]."""
         import torch
 
+        heights: list[int] = []
+
+        def numbered() -> Iterator[tuple[tuple[int, Any], np.ndarray]]:
+            for key, image in items:
+                heights.append(image.shape[0])
+                yield (len(heights) - 1, key), image
+
+        bands: list[torch.Tensor] = []
+        for (index, key), row0, band in self.run_bands(numbered(), dtype):
+            bands.append(band)
+            if row0 + len(band) == heights[index]:
+                yield key, bands[0] if len(bands) == 1 else torch.cat(bands)
+                bands = []
+
+    def run_bands(
+        self, items: Iterable[tuple[Any, np.ndarray]], dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[Any, int, torch.Tensor]]:
+        """For each (key, uint8 H,W,3 image), top to bottom: (key, first row, the reconstruction of a
+        band of rows as uint8 or `dtype`), as soon as the band's tiles are done: the caller can write
+        it and let it go, so no whole-image output is ever held."""
+        import torch
+
         dtype = dtype or torch.uint8
         if self.pixel_budget is None:
             self.pixel_budget = PIXEL_BUDGET.get(self.device.type, PIXEL_BUDGET["cpu"])
         order: deque[_Pending] = deque()
         for key, image in items:
             h, w = image.shape[:2]
-            tiles = plan_tiles(h, w, self.tile, self.margin)
-            state = _Pending(key, torch.empty((h, w, 3), dtype=dtype), len(tiles))
-            order.append(state)
-            padded = pad_to_multiple(image)
-            for t in tiles:
-                self._add(state, t, padded[t.y0 : t.y1, t.x0 : t.x1])
-            while order and order[0].remaining == 0:
-                done = order.popleft()
-                yield done.key, done.out
+            for row0, band in groupby(plan_tiles(h, w, self.tile, self.margin), key=lambda t: t.oy0):
+                tiles = list(band)
+                out = torch.empty((tiles[0].oy1 - row0, w, 3), dtype=dtype)
+                state = _Pending(key, out, len(tiles), row0)
+                order.append(state)
+                for t in tiles:
+                    self._add(state, t, window(image, t.y0, t.y1, t.x0, t.x1))
+                while order and order[0].remaining == 0:
+                    done = order.popleft()
+                    yield done.key, done.row0, done.out
         self._flush_all()
         while order:
             done = order.popleft()
             assert done.remaining == 0
-            yield done.key, done.out
+            yield done.key, done.row0, done.out
 
     def _capacity(self, pixels: int) -> int:
         fit = max(1, self.pixel_budget // pixels)
@@ -329,7 +398,7 @@ class TileRunner:
             y = y.to(out_dtype).cpu()
         for i, (state, t, _) in enumerate(bucket):
             core = y[i, t.oy0 - t.y0 : t.oy1 - t.y0, t.ox0 - t.x0 : t.ox1 - t.x0]
-            state.out[t.oy0 : t.oy1, t.ox0 : t.ox1] = core
+            state.out[t.oy0 - state.row0 : t.oy1 - state.row0, t.ox0 : t.ox1] = core
             state.remaining -= 1
 
 
@@ -480,29 +549,82 @@ def _reconstruct_all(
             yield (path, clean, fed), fed
 
     runner = TileRunner(model, device, args.tile, MARGIN, args.batch_size)
-    for (path, clean, fed), recon in runner.run(inputs()):
-        recon = recon.numpy()
-        target = targets[path]["recon"]
-        write_png(target, recon)
-        line = f"{path}  {_format_size(clean)}  -> {target}"
-        panels = [clean]
-        if corruption is not None:
-            noisy_target = targets[path]["noisy"]
-            write_png(noisy_target, fed)
-            panels.append(fed)
-            noisy_psnr = uint8_psnr_db(fed, clean)
-            out_psnr = uint8_psnr_db(recon, clean)
+    outputs = None
+    try:
+        for (path, clean, fed), row0, recon in runner.run_bands(inputs()):
+            if row0 == 0:
+                outputs = _Outputs(path, targets[path], clean, fed, corruption is not None, args.side_by_side)
+            outputs.add(row0, recon.numpy())
+            if row0 + len(recon) == clean.shape[0]:
+                print(outputs.finish(), flush=True)
+                outputs = None
+    except BaseException as err:
+        if outputs is not None:
+            outputs.abandon(err)
+        raise
+
+
+class _Outputs:
+    """The PNGs of one input, written band by band of rows as its reconstruction comes in, and the
+    PSNRs summed along; `finish` renames them into place, `abandon` removes the partial files."""
+
+    def __init__(
+        self,
+        path: Path,
+        targets: dict[str, Path],
+        clean: np.ndarray,
+        fed: np.ndarray,
+        noisy: bool,
+        side: bool,
+    ):
+        self.path, self.targets, self.clean, self.fed, self.noisy = path, targets, clean, fed, noisy
+        self.files = contextlib.ExitStack()
+        h, w = clean.shape[:2]
+        panels = 1 + noisy + 1
+        self.pngs: dict[str, PngRows] = {}
+        for kind, width in (("recon", w), ("noisy", w), ("side", panels * w + (panels - 1) * SIDE_GAP)):
+            if kind in targets:
+                what = f"{OUTPUTS[kind][1]} of {path.name}"
+                self.pngs[kind] = PngRows(
+                    self.files.enter_context(atomic_file(targets[kind], what)), width, h
+                )
+        self.squared_error = {"recon": 0, "noisy": 0}
+
+    def add(self, row0: int, recon: np.ndarray) -> None:
+        rows = slice(row0, row0 + len(recon))
+        clean, fed = self.clean[rows], self.fed[rows]
+        self.pngs["recon"].add(recon)
+        if self.noisy:
+            self.pngs["noisy"].add(fed)
+        if "side" in self.pngs:
+            self.pngs["side"].add(side_by_side([clean, fed, recon] if self.noisy else [clean, recon]))
+        for kind, image in (("recon", recon), ("noisy", fed)):
+            self.squared_error[kind] += squared_error(image, clean)
+
+    def finish(self) -> str:
+        """Complete and rename the PNGs; the line to print."""
+        from ae.metrics import psnr_db
+
+        for png in self.pngs.values():
+            png.finish()
+        self.files.close()
+        psnr = {
+            kind: psnr_db(error / (self.clean.size * 255.0**2)) for kind, error in self.squared_error.items()
+        }
+        line = f"{self.path}  {_format_size(self.clean)}  -> {self.targets['recon']}"
+        if self.noisy:
             line += (
-                f"  noisy {noisy_target.name}: psnr {noisy_psnr:.2f} dB; "
-                f"output psnr {out_psnr:.2f} dB ({out_psnr - noisy_psnr:+.2f} dB)"
+                f"  noisy {self.targets['noisy'].name}: psnr {psnr['noisy']:.2f} dB; "
+                f"output psnr {psnr['recon']:.2f} dB ({psnr['recon'] - psnr['noisy']:+.2f} dB)"
             )
         else:
-            line += f"  psnr {uint8_psnr_db(recon, clean):.2f} dB"
-        if args.side_by_side:
-            side_target = targets[path]["side"]
-            write_png(side_target, side_by_side([*panels, recon]))
-            line += f"  side-by-side {side_target.name}"
-        print(line, flush=True)
+            line += f"  psnr {psnr['recon']:.2f} dB"
+        if "side" in self.targets:
+            line += f"  side-by-side {self.targets['side'].name}"
+        return line
+
+    def abandon(self, err: BaseException) -> None:
+        self.files.__exit__(type(err), err, err.__traceback__)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,18 @@ writes
     OUT/report/speed.png  step time (ms) and throughput (images/s) vs step, two panels
     OUT/report.md         the three plots and a table of the final metrics
 
-A run that is still going (or was killed mid-write) can be reported: a torn last line is skipped with
-a warning. Any other unreadable line, or a file without records, is a one-line error.
+A run that is still going (or was killed mid-write) can be reported: a line cut mid-write is skipped,
+and one warning counts such lines and the evaluation rows among them. A value outside its key's range
+(`VALUE_RANGES`: a loss of 1e308, a negative step time) is left out, with one warning counting the
+lines it touched. A plot that cannot be drawn from what is left is skipped with one line, and the rest
+of the report is written. Any other unreadable line, or a file without records, is a one-line error.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,24 @@ REPORT_DIR = "report"
 MAX_STEP = 2**53  # steps and values beyond a float's exact range are not a run's
 MAX_METRICS_BYTES = 256 << 20  # a 100-epoch run logging every step writes about 10 MB
 PLOTS = ("loss", "psnr", "speed")
+# What a value may be, by the last part of its key ("test/psnr_db" → "psnr_db"); NaN (a window whose
+# every step was non-finite) is kept. Other numeric keys: within ±OTHER_LIMIT.
+VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "loss": (0.0, 1e3),
+    "bce": (0.0, 1e3),
+    "bce_floor": (0.0, 1.0),
+    "bce_excess": (-1.0, 1e3),
+    "mse": (0.0, 1.0),
+    "psnr_db": (-1e3, math.inf),  # inf: a perfect reconstruction
+    "noisy_psnr_db": (-1e3, math.inf),
+    "denoise_gain_db": (-1e3, 1e3),
+    "step_time_ms": (0.0, 1e9),
+    "images_per_s": (0.0, 1e12),
+    "lr": (0.0, 10.0),
+    "epoch": (0.0, 1e9),
+    "skipped_steps": (0.0, float(MAX_STEP)),
+}
+OTHER_LIMIT = 1e12
 # The final-metrics table: (key, label, format), in this order; keys a run lacks are left out.
 TABLE = (
     ("test/bce", "test BCE", "{:.5f}"),
@@ -67,6 +88,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     lines = text.split("\n")
     torn_tail = not text.endswith("\n")
     records = []
+    torn: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -80,17 +102,54 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if not 0 <= step <= MAX_STEP:
                 raise ValueError(f'"step" is outside 0..{MAX_STEP}')
         except ValueError as err:
-            if torn_tail and number == len(lines):
-                warn(f"{path}: skipping the unfinished last line {number} (a run still writing, or killed)")
+            if (torn_tail and number == len(lines)) or _cut_record(line):
+                torn.append(line)
                 continue
             reason = " ".join(str(err).split())
             raise UserError(
                 f"{path} line {number} is not a metrics record ({reason}): the file is corrupt"
             ) from None
         records.append(record)
+    if torn:
+        evaluations = sum('"test/' in line or '"val/' in line for line in torn)
+        last = ", the unfinished last line among them" if torn_tail and torn[-1] == lines[-1] else ""
+        warn(
+            f"{path}: skipping {len(torn)} line(s) cut mid-write{last} (a run still writing, or killed), "
+            f"{evaluations} of them evaluation rows; the report is without them"
+        )
+    _leave_out_of_range(path, records)
     if not records:
         raise UserError(f"{path} has no metrics records yet: let the run reach its first log step, or {hint}")
     return records
+
+
+def _cut_record(line: str) -> bool:
+    """A record that a crash cut short: it starts like one (`{"step": N`) but does not end."""
+    return line.startswith('{"step": ') and not line.rstrip().endswith("}")
+
+
+def in_range(key: str, value: Any) -> bool:
+    """Is a metrics value plausible for its key (see VALUE_RANGES)? Non-numbers are not checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    low, high = VALUE_RANGES.get(key.rsplit("/", 1)[-1], (-OTHER_LIMIT, OTHER_LIMIT))
+    return math.isnan(value) or low <= value <= high
+
+
+def _leave_out_of_range(path: Path, records: list[dict[str, Any]]) -> None:
+    """Drop each value outside its range from its record; one warning counts the lines touched."""
+    touched, keys = 0, set()
+    for record in records:
+        bad = [key for key, value in record.items() if key != "step" and not in_range(key, value)]
+        for key in bad:
+            del record[key]
+        touched += bool(bad)
+        keys.update(bad)
+    if touched:
+        warn(
+            f"{path}: left out values outside their range on {touched} line(s) "
+            f"({', '.join(sorted(keys))}); the report is drawn without them"
+        )
 
 
 def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -98,7 +157,7 @@ def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list
     by_step: dict[int, float] = {}
     for record in records:
         value = record.get(key)
-        if isinstance(value, float) or (
+        if (isinstance(value, float) and math.isfinite(value)) or (
             isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_STEP
         ):
             by_step[record["step"]] = float(value)
@@ -220,7 +279,7 @@ def _format(value: Any, fmt: str) -> str:
         return f"{value:g}"
 
 
-def markdown(out: Path, records: Sequence[dict[str, Any]]) -> str:
+def markdown(out: Path, records: Sequence[dict[str, Any]], skipped: frozenset[str] = frozenset()) -> str:
     final = final_values(records)
     last_step = max(r["step"] for r in records)
     epoch = final.get("epoch")
@@ -243,9 +302,12 @@ def markdown(out: Path, records: Sequence[dict[str, Any]]) -> str:
     if test_steps:
         lines += ["", f"Test metrics are from the last evaluation, at step {test_steps[-1]}."]
     grid = final.get("test/reconstructions")
-    lines += ["", "## Loss", "", f"![loss]({REPORT_DIR}/loss.png)", ""]
-    lines += ["## Test PSNR", "", f"![psnr]({REPORT_DIR}/psnr.png)", ""]
-    lines += ["## Training speed", "", f"![speed]({REPORT_DIR}/speed.png)", ""]
+    lines.append("")
+    for name, heading in zip(PLOTS, ("Loss", "Test PSNR", "Training speed"), strict=True):
+        image = (
+            f"![{name}]({REPORT_DIR}/{name}.png)" if name not in skipped else "(not drawn: see the warning)"
+        )
+        lines += [f"## {heading}", "", image, ""]
     if isinstance(grid, str) and (out / grid).is_file():
         lines += ["## Last reconstructions", "", f"![reconstructions]({grid})", ""]
     return "\n".join(lines)
@@ -267,19 +329,30 @@ def write_report(out: Path) -> list[Path]:
     plt = _pyplot()
     title = out.resolve().name
     written = []
-    try:
-        with made_folder(report_dir, "the report folder"):
-            for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
-                atomic_write(path, _png(plt, plot(plt, records, title)))
-                written.append(path)
-        path = out / "report.md"
-        atomic_write(path, markdown(out, records).encode("utf-8"))
-        written.append(path)
-    except OSError as err:
-        raise UserError(
-            f"cannot write the report into {out} ({err.strerror or err}): is it writable?"
-        ) from None
+    skipped = set()
+    with made_folder(report_dir, "the report folder"):
+        for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
+            image = drawn(plt, plot, records, title, path.name)
+            if image is None:
+                skipped.add(path.stem)
+                continue
+            atomic_write(path, image, "the report's plot")
+            written.append(path)
+    path = out / "report.md"
+    atomic_write(path, markdown(out, records, frozenset(skipped)).encode("utf-8"), "the report")
+    written.append(path)
     return written
+
+
+def drawn(plt, plot: Callable, records: Sequence[dict[str, Any]], title: str, name: str) -> bytes | None:
+    """A plot's PNG, or None (with one warning line) when it cannot be computed from these values."""
+    try:
+        return _png(plt, plot(plt, records, title))
+    except Exception as err:  # matplotlib raises many types (LinAlgError, OverflowError, ...)
+        plt.close("all")
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        warn(f"skipping {name}: it cannot be drawn from these values ({type(err).__name__}: {reason})")
+        return None
 
 
 def build_parser() -> OneLineParser:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from ae.beton import load_manifest, verify_beton
 from ae.config import TrainConfig, check_batch_size, free_memory
 from ae.data import DeviceResidentBatches, FFCVBatches, data_workers, held_out
-from ae.errors import UserError
+from ae.plan import plan_run
 
 RESIDENT_MAX_BYTES = 1 << 30  # a training split up to this size is held on the device unless --stream
 
@@ -37,9 +37,10 @@ def check_data(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
         verify_beton(cfg.data, split, manifest, check_hash=cfg.verify_data)
     device = accelerator.device
     memory = torch.tensor([free_memory(device, local_processes())], device=device)
+    plan = plan_run(cfg, manifest, accelerator.num_processes)  # every derived number, before --out
     check_batch_size(
         cfg.batch_size,
-        -(-manifest["splits"]["train"]["count"] // accelerator.num_processes),
+        plan.images_per_process,
         int(
             accelerator.gather(memory).min()
         ),  # one value for all ranks: they stop together or go on together
@@ -52,12 +53,7 @@ def train_batches(
 ) -> tuple[DeviceResidentBatches | FFCVBatches, np.ndarray]:
     """This process's training batches and the held-out (--val-split) image indices."""
     workers = data_workers(cfg.data_workers, local_processes())
-    train_count = manifest["splits"]["train"]["count"]
-    if cfg.val_split >= train_count:
-        raise UserError(
-            f"--val-split {cfg.val_split} leaves no training images (the split has {train_count})"
-        )
-    train_indices, val_indices = held_out(train_count, cfg.val_split)
+    train_indices, val_indices = held_out(manifest["splits"]["train"]["count"], cfg.val_split)
     train_bytes = len(train_indices) * math.prod(manifest["splits"]["train"]["image_shape"])
     resident = cfg.data_on_device if cfg.data_on_device is not None else train_bytes <= RESIDENT_MAX_BYTES
     device = accelerator.device

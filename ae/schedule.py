@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ae.errors import UserError
+from ae.errors import STEPS_MAX, UserError, readable
 
 SCHEDULES = ("constant", "onecycle", "cosine")
 
@@ -28,11 +28,14 @@ def parse_run_point(flag: str, spec: str) -> int | float:
         value = float(spec)
     except ValueError:
         value = math.nan
-    if "." not in spec and value.is_integer() and value >= 0:
+    if "." not in spec and value.is_integer() and 0 <= value <= STEPS_MAX:
         return int(value)
     if 0 <= value < 1:
         return value
-    raise UserError(f"{flag} must be a step count (500) or a fraction of the run below 1 (0.1), got {spec!r}")
+    raise UserError(
+        f"{flag} must be a step count up to {readable(STEPS_MAX)} (500) or a fraction of the run below 1 "
+        f"(0.1), got {spec!r}"
+    )
 
 
 def run_point_steps(flag: str, spec: str, total_steps: int) -> int:
@@ -40,7 +43,10 @@ def run_point_steps(flag: str, spec: str, total_steps: int) -> int:
     value = parse_run_point(flag, spec)
     steps = value if isinstance(value, int) else round(value * total_steps)
     if steps >= total_steps and steps > 0:
-        raise UserError(f"{flag} {spec} is {steps} steps, not shorter than the run ({total_steps} steps)")
+        raise UserError(
+            f"{flag} {spec} is {readable(steps)} steps, not shorter than the run ({readable(total_steps)} "
+            "steps): use fewer steps, or a fraction like 0.1"
+        )
     return steps
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from ae.beton import SPLITS, beton_path, manifest_path
 from ae.errors import warn
-from ae.files import atomic_write, parse_json, png_bytes
+from ae.files import append_line, atomic_write, ensure_folder, parse_json, png_bytes
 
 WANDB_INIT_TIMEOUT_S = 45
 # Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
@@ -129,9 +129,16 @@ class RunLogger:
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines()
+        torn = [line for line in lines if line.strip() and _step_of(line) is None]
+        if torn:
+            evaluations = sum('"test/' in line or '"val/' in line for line in torn)
+            warn(
+                f"{self.metrics_path}: dropping {len(torn)} line(s) cut by a crash ({evaluations} of them "
+                "evaluation rows); the steps after the checkpoint are logged again"
+            )
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) != len(lines):
-            atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+            atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode(), "the metrics log")
 
     def _start_wandb(
         self,
@@ -229,14 +236,15 @@ class RunLogger:
         if not self.enabled:
             return
         folder = self.metrics_path.parent / "per_class"
-        folder.mkdir(exist_ok=True)
+        ensure_folder(folder, "the per-class folder")
         for row in rows:
             path = folder / f"{row['class']}.png"
-            atomic_write(path, png_bytes(examples[row["class"]]))
+            atomic_write(path, png_bytes(examples[row["class"]]), "the per-class example")
             row["example"] = str(path.relative_to(self.metrics_path.parent))
         atomic_write(
             self.metrics_path.parent / "per_class.json",
             (json.dumps({"step": step, "classes": rows}, indent=2) + "\n").encode(),
+            "the per-class metrics",
         )
 
         def call() -> None:
@@ -262,7 +270,7 @@ class RunLogger:
         if path.exists():
             return path.read_text().strip()
         run_id = uuid.uuid4().hex[:8]
-        atomic_write(path, run_id.encode())
+        atomic_write(path, run_id.encode(), "the W&B run id")
         return run_id
 
     def log(self, record: dict[str, Any], step: int, epoch: int, image: np.ndarray | None = None) -> None:
@@ -273,8 +281,8 @@ class RunLogger:
         wandb_values = {"step": step, **record}
         if image is not None:
             path = self.images_dir / f"step_{step:07d}.png"
-            self.images_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, png_bytes(image))
+            ensure_folder(self.images_dir, "the reconstructions folder")
+            atomic_write(path, png_bytes(image), "the reconstruction grid")
             row["test/reconstructions"] = str(path.relative_to(self.metrics_path.parent))
             if self.wandb_on:
                 import wandb
@@ -282,8 +290,7 @@ class RunLogger:
                 wandb_values["test/reconstructions"] = wandb.Image(
                     image, caption="top: input, bottom: output"
                 )
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.metrics_path, json.dumps(row), "a metrics record to")
         self._wandb_call("log", lambda: self.accelerator.log(wandb_values, step=step))
 
     def finish(self) -> None:

@@ -109,7 +109,7 @@ class Trainer:
         self.cfg = cfg
         self.startup = StartupPhases(started)
         self.startup.mark("imports")
-        self.stop = StopSignals()
+        self.stop = StopSignals(starting=lambda: not self.startup.first_step_done)
         self.noise = parse_noise(cfg.noise)
         self.wandb_mode = cfg.wandb_mode or default_wandb_mode()
         self.accelerator = acc = start_accelerator(cfg, self.wandb_mode)
@@ -402,8 +402,10 @@ class Trainer:
                 atomic_write(path, safetensors_bytes(weights, metadata={"model": "ConvAutoencoder"}))
 
         problem = first_failure(acc, write)
-        if problem is not None:
-            raise UserError(f"could not write {path}: {problem}; free space, then rerun")
+        if problem is not None:  # atomic_write's own line, or the failure on another rank
+            raise UserError(
+                problem if problem.startswith("could not write") else f"could not write {path}: {problem}"
+            )
         if acc.is_main_process:
             metadata = {
                 "recipe": self.recipe,

@@ -6,6 +6,8 @@ truncated, foreign or wrong-shaped file is reported the same way: which file, wh
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,30 @@ if TYPE_CHECKING:  # torch is imported when needed, so that bad paths and flags 
 
 MODEL_FILE = "model.safetensors"
 _TRAIN_HINT = "train one with `python train.py --data DIR --out OUT` (it writes OUT/model.safetensors)"
+HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit
+# Every dtype a safetensors file can hold, and what a tool does with it for the float32 model:
+# converted exactly (every value of these is a float32 value), converted if every value survives
+# the round trip (F64), or refused (integers, booleans, complex, sub-byte and scale-only floats).
+EXACT_IN_FLOAT32 = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
+CHECKED_IN_FLOAT32 = ("F64",)
+REFUSED = (
+    "BOOL",
+    "U8",
+    "I8",
+    "I16",
+    "U16",
+    "I32",
+    "U32",
+    "I64",
+    "U64",
+    "C64",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "F8_E8M0",
+)
+SAFETENSORS_DTYPES = EXACT_IN_FLOAT32 + CHECKED_IN_FLOAT32 + REFUSED
+Signature = dict[str, tuple[str, tuple[int, ...]]]  # tensor name → (safetensors dtype, shape)
 
 
 def _one_line(err: BaseException) -> str:
@@ -42,6 +68,53 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
+def read_signature(path: Path) -> Signature:
+    """Each tensor's dtype and shape from a safetensors file's header, without reading the tensors.
+
+    ValueError when the header is not a safetensors header (truncated, another format)."""
+    with open(path, "rb") as fh:
+        start = fh.read(8)
+        if len(start) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", start)
+        if size > HEADER_MAX_BYTES:
+            raise ValueError(f"its header claims {size} bytes")
+        text = fh.read(size)
+    if len(text) < size:
+        raise ValueError("the header is cut short")
+    try:
+        header = json.loads(text)
+        return {
+            name: (str(entry["dtype"]), tuple(int(n) for n in entry["shape"]))
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise ValueError("the header is not a safetensors header") from None
+
+
+def model_signature(model: torch.nn.Module) -> Signature:
+    """What a file must hold to be loaded into `model`: its state dict's names, dtypes and shapes."""
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+    return {
+        name: (names.get(str(t.dtype).removeprefix("torch."), str(t.dtype)), tuple(t.shape))
+        for name, t in model.state_dict().items()
+    }
+
+
+def first_difference(found: Signature, expected: Signature, same_dtype: bool = True) -> str | None:
+    """The first tensor (in the model's order) that differs in name, shape or (if `same_dtype`) dtype."""
+    for name, (dtype, shape) in expected.items():
+        if name not in found:
+            return f"tensor {name} is missing"
+        if found[name][1] != shape:
+            return f"tensor {name} has shape {found[name][1]}, the model's is {shape}"
+        if same_dtype and found[name][0] != dtype:
+            return f"tensor {name} is {found[name][0]}, the model's is {dtype}"
+    extra = sorted(found.keys() - expected.keys())
+    return f"tensor {extra[0]} is not in the model" if extra else None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAutoencoder:
     """A ConvAutoencoder with the weights in `path` (a safetensors state_dict), in eval mode on `device`."""
     import torch
@@ -52,38 +125,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ConvAuto
 
     path = resolve_model_path(path)
     redo = f"copy it again, or {_TRAIN_HINT}"
+    unreadable = f"it is truncated or not a safetensors file; {redo}"
+    try:
+        found = read_signature(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read model file {path} ({_one_line(err)}): {unreadable}") from None
+    model = ConvAutoencoder()
+    expected = model_signature(model)
+    difference = first_difference(found, expected, same_dtype=False)
+    if difference:
+        raise UserError(
+            f"model file {path} does not hold this project's ConvAutoencoder ({difference}): "
+            "pass a model.safetensors written by train.py"
+        )
+    for name, (dtype, _) in found.items():
+        if dtype not in EXACT_IN_FLOAT32 + CHECKED_IN_FLOAT32:
+            raise UserError(
+                f"model file {path} has tensor {name} of dtype {dtype}, which is not float weights "
+                f"(accepted: {', '.join(EXACT_IN_FLOAT32 + CHECKED_IN_FLOAT32)}): {redo}"
+            )
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(
-            f"cannot read model file {path} ({_one_line(err)}): it is truncated or not a safetensors file; {redo}"
-        ) from None
-    model = ConvAutoencoder()
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        what = []
-        if missing:
-            what.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            what.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
-        raise UserError(
-            f"model file {path} does not hold this project's ConvAutoencoder ({'; '.join(what)}): "
-            f"pass a model.safetensors written by train.py"
-        )
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"model file {path} has {name} of shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}: "
-                f"it was saved from another model; pass a model.safetensors written by train.py"
-            )
-        if not state[name].is_floating_point():
-            raise UserError(
-                f"model file {path} has {name} of dtype {state[name].dtype}, expected floats: {redo}"
-            )
-        if not torch.isfinite(state[name]).all():
+        raise UserError(f"cannot read model file {path} ({_one_line(err)}): {unreadable}") from None
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor.float()).all():
             raise UserError(f"model file {path} has non-finite values in {name}: the run diverged; {redo}")
+        if tensor.dtype == torch.float64 and not torch.equal(tensor.float().double(), tensor):
+            raise UserError(
+                f"model file {path} has tensor {name} in F64 with values float32 cannot hold exactly: "
+                "convert it to float32 yourself if that is what you want, or pass a model.safetensors "
+                "written by train.py"
+            )
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(resolve_device(device)).eval()
 

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ae.interrupt import started_as_module, stop_on_signals
+
+if started_as_module():  # `python -m data_prep[.preview]`: Ctrl-C is one line from the first moment
+    stop_on_signals()
+
 
 def prepare(*args: Any, **kwargs: Any) -> dict:
     """Write DIR/{train,test}.beton and DIR/manifest.json; see `data_prep.writer.prepare`."""

@@ -135,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         [beton.path, manifest_path(beton.path.parent)], [(out, "the grid")], "choose another --out"
     )
     grid = make_grid(beton, class_names, args.per_class, args.scale)
-    try:
-        with made_folder(out.parent, "--out folder"):
-            atomic_write(out, png_bytes(np.asarray(grid.convert("RGB"))))
-    except OSError as err:
-        raise UserError(f"cannot write {out} ({' '.join(str(err).split())})") from None
+    with made_folder(out.parent, "--out folder"):
+        atomic_write(out, png_bytes(np.asarray(grid.convert("RGB"))), "the grid")
     print(f"wrote {out} ({grid.width}x{grid.height}, {len(class_names)} classes x {args.per_class})")
     return 0
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ae import beton
 from ae.errors import UserError, check_range
-from ae.files import fsync_path, made_folder, read_json, refuse_overwriting
+from ae.files import fsync_path, made_folder, read_json, refuse_overwriting, write_failure
 from ae.stats import pixel_stats
 from data_prep.sources import (
     SPLITS,
@@ -112,6 +112,7 @@ def write_beton(
     writer.metadata_sm.close()
     writer.metadata_sm.unlink()
     writer.metadata_sm = _Buffer(n * writer.metadata_type.itemsize)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
     try:
         todo: queue.Queue = queue.Queue()
         indices = list(enumerate(range(n)))
@@ -120,7 +121,6 @@ def write_beton(
         todo.put(None)
         allocations: queue.Queue = queue.Queue()
         done = _Counter()
-        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -168,6 +168,8 @@ def write_beton(
         writer.finalize(allocations.get_nowait())
     finally:
         writer.metadata_sm = None
+        if getattr(allocator, "fp", None) is not None:  # FFCV leaves it open when its last write fails
+            allocator.fp.close()
 
 
 # ------------------------------------------------------------------------------------ the data dir
@@ -356,7 +358,7 @@ def _prepare_locked(
     try:
         return _write_outputs(out, spec, limit, splits, progress, log)
     except OSError as err:
-        raise UserError(f"could not write into {out} ({one_line(err)})") from None
+        raise write_failure(err, "the data folder", out) from None
 
 
 def _write_outputs(
@@ -379,7 +381,7 @@ def _write_outputs(
                 write_beton(temp, splits[split], progress=progress, description=f"writing {final.name}")
                 fsync_path(temp)
             except OSError as err:
-                raise UserError(f"could not write {final} ({one_line(err)}); is the disk full?") from None
+                raise write_failure(err, "the beton", final) from None
             pixel_mean, bce_floor = pixel_stats(splits[split].images)
             size = temp.stat().st_size
             entries[split] = {

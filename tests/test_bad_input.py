@@ -13,29 +13,36 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
+import signal
+import subprocess
 import tarfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ae.beton import load_manifest
 from ae.config import check_batch_size, parse_args
 from ae.errors import UserError, friendly_errors
 from ae.evaluate import main as evaluate_main
 from ae.model import ConvAutoencoder
+from ae.plan import plan_run
 from ae.reconstruct import main as reconstruct_main
 from ae.report import main as report_main
+from ae.weights import CHECKED_IN_FLOAT32, EXACT_IN_FLOAT32, SAFETENSORS_DTYPES, load_model
 from data_prep.__main__ import main as data_prep_main
 from data_prep.preview import main as preview_main
 from data_prep.sources import MAX_MEMBER_BYTES
-from tests.helpers import PYTHON, assert_one_line_error, run, train
+from tests.helpers import PYTHON, REPO, assert_one_line_error, clean_env, run, train
 from tests.synthetic import cifar_python_members
 
 # A child's peak memory, measured by a fresh wrapper process (RUSAGE_CHILDREN counts only its child).
@@ -368,3 +375,415 @@ def test_report_input_is_bounded_and_never_overwritten(tmp_path, capsys):
     line = cli_error(capsys, report_main, run_dir)
     assert "report.md would overwrite the input" in line and "metrics.jsonl" in line
     assert tree(tmp_path) == before
+
+
+# ==================================================================== round 3
+# E: environment variables; F: one live run per --out; H: what is loaded fits what uses it;
+# I: derived numbers checked before anything is created; J: bounded memory and numerics; and two
+# single cases. G (a full disk) is in test_disk_full.py, K (signals) in test_interrupt.py.
+
+
+# ------------------------------------------------------------------ E: environment variables
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc' is not a thread count"),
+        ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0'"),
+        ({"LOCAL_WORLD_SIZE": "abc"}, "LOCAL_WORLD_SIZE='abc' is not a whole number in 1..4096"),
+        ({"WANDB_MODE": "bogus"}, "WANDB_MODE='bogus' is not one of online, offline, disabled"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 and WORLD_SIZE=2 disagree"),
+        ({"SLURM_JOB_ID": "12ab"}, "SLURM_JOB_ID='12ab'"),
+        ({"SLURM_RESTART_COUNT": "-1"}, "SLURM_RESTART_COUNT='-1'"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a whole number in 1..65535"),
+        ({"CUDA_VISIBLE_DEVICES": "0,0"}, "CUDA_VISIBLE_DEVICES='0,0'"),
+        ({"WANDB_RUN_ID": "a/b"}, "WANDB_RUN_ID='a/b'"),
+        ({"WANDB_INIT_TIMEOUT": "soon"}, "WANDB_INIT_TIMEOUT='soon' is not seconds"),
+        ({"CIFAR_SOURCE": "/nonexistent/cifar"}, "CIFAR_SOURCE='/nonexistent/cifar' is not the path"),
+    ],
+)
+def test_e_train_checks_its_environment_before_anything(tiny_data, tmp_path, env, needle):
+    out = tmp_path / "out"
+    result = train("--data", tiny_data, "--out", out, env=clean_env(**env))
+    line = assert_one_line_error(result, "environment variable", needle)
+    assert "unset" in line or "point it at" in line, line
+    assert not out.exists()
+
+
+def test_e_a_secret_is_named_but_never_printed(tiny_data, tmp_path):
+    result = train("--data", tiny_data, "--out", tmp_path / "out", env=clean_env(WANDB_API_KEY="sekrit key"))
+    line = assert_one_line_error(result, "WANDB_API_KEY", "value not shown")
+    assert "sekrit" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_e_every_tool_checks_its_environment(model_file, tiny_data, tmp_path, capsys, monkeypatch):
+    """The tools check through friendly_errors, before their own flags: one case each, in-process."""
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    for main, argv, (name, value) in [
+        (data_prep_main, ["--out", out, "--source", tiny_data.parent / "source"], ("SLURM_NTASKS", "0")),
+        (preview_main, [tiny_data / "train.beton", "--out", out / "g.png"], ("OMP_NUM_THREADS", "4x")),
+        (reconstruct_main, ["--model", model_file, "--out", out, photo], ("CUDA_VISIBLE_DEVICES", "gpu0")),
+        (evaluate_main, ["--model", model_file, "--data", tiny_data], ("MKL_NUM_THREADS", "-2")),
+        (report_main, [tmp_path], ("ACCELERATE_MIXED_PRECISION", "fp12")),
+    ]:
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            line = cli_error(capsys, main, *argv)
+        assert f"environment variable {name}={value!r}" in line and "unset it" in line, line
+        assert not out.exists()
+
+
+def test_e_unusable_home_or_wandb_dir_is_one_line_not_wandb_log_lines(tiny_data, tmp_path):
+    """One real start (W&B offline, HOME missing), then the other cases at the check itself."""
+    from ae.environment import check_wandb_folders
+
+    base = ["--data", tiny_data, "--out", tmp_path / "out", "--wandb-mode", "offline"]
+    result = train(*base, env=clean_env(HOME=str(tmp_path / "missing")))
+    assert "W&B" in assert_one_line_error(result, "HOME=", "--wandb-mode disabled")
+    assert not (tmp_path / "out").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    home = {"HOME": str(tmp_path)}
+    for env, needle in [
+        ({"HOME": str(afile)}, "environment variable HOME="),
+        ({**home, "WANDB_DIR": str(afile)}, "WANDB_DIR=" + repr(str(afile))),
+        ({**home, "WANDB_CACHE_DIR": str(afile / "cache")}, f"({afile} is not a folder)"),
+        ({"HOME": str(afile / "sub")}, "HOME="),
+    ]:
+        with pytest.raises(UserError, match="--wandb-mode disabled") as err:
+            check_wandb_folders("offline", env)
+        assert needle in str(err.value), err.value
+    check_wandb_folders("disabled", {"HOME": str(afile)})  # W&B off: HOME is no obstacle
+    check_wandb_folders(None, {"HOME": str(afile), "WANDB_MODE": "disabled"})
+
+
+# ------------------------------------------------------------------ F: one live run per --out
+
+
+def test_f_a_second_train_of_the_same_slurm_job_on_a_live_out_is_refused(tiny_data, tmp_path):
+    """Two srun steps of one allocation (same SLURM_JOB_ID, same --out): the second is refused with one
+    line naming the holder; the first trains on (until SIGTERM stops it) and logs each step once."""
+    out = tmp_path / "out"
+    args = ["--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--log-every", "1"]
+    first = subprocess.Popen(
+        [PYTHON, "train.py", *args, "--max-steps", "1000000", "--wandb-mode", "disabled"],
+        cwd=REPO,
+        env=clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.1)
+        second = train(*args, "--max-steps", "96", env=clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="1"))
+        assert_one_line_error(
+            second, f"--out {out} is in use by another run", f"pid {first.pid}", "Slurm job 4242, step 0"
+        )
+        assert first.poll() is None  # still training
+        first.send_signal(signal.SIGTERM)  # the graceful stop: a checkpoint, exit 0
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(1, len(train_steps) + 1)), train_steps[:50]  # every step once
+
+
+# ------------------------------------------------------------------ H: loaded files fit their user
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    """A safetensors file written by hand, so that every dtype (also those torch lacks) can be tried."""
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(d for _, _, d in tensors.values()))
+
+
+def _model_with(path: Path, name: str, dtype: str, values: torch.Tensor | None, nbytes: int = 0) -> None:
+    state = ConvAutoencoder().state_dict()
+    tensors = {k: ("F32", tuple(v.shape), v.numpy().tobytes()) for k, v in state.items()}
+    data = values.contiguous().view(torch.uint8).numpy().tobytes() if values is not None else bytes(nbytes)
+    tensors[name] = (dtype, tuple(state[name].shape), data)
+    _safetensors(path, tensors)
+
+
+_TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
+}
+_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E8M0": 8}
+
+
+@pytest.mark.parametrize("dtype", SAFETENSORS_DTYPES)
+def test_h_every_safetensors_dtype_is_converted_exactly_or_refused(tmp_path, dtype):
+    """conv1.weight in each dtype: the float ones load, bit for bit what float32 makes of them; F64
+    loads only if float32 holds every value; the rest is one line naming the tensor and its dtype."""
+    path = tmp_path / "model.safetensors"
+    shape = tuple(ConvAutoencoder().state_dict()["conv1.weight"].shape)
+    source = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    values = source.to(_TORCH_DTYPES[dtype]) if dtype in _TORCH_DTYPES else None
+    _model_with(path, "conv1.weight", dtype, values, math.prod(shape) * _BITS.get(dtype, 8) // 8)
+    if dtype in EXACT_IN_FLOAT32 or dtype in CHECKED_IN_FLOAT32:
+        loaded = load_model(path).conv1.weight.detach()
+        assert torch.equal(loaded, values.float()), dtype
+    else:
+        with pytest.raises(
+            UserError, match=rf"tensor conv1\.weight of dtype {dtype}, which is not float weights"
+        ):
+            load_model(path)
+    if dtype == "F64":  # 1/3 has no float32 twin: refused rather than rounded
+        _model_with(path, "conv1.weight", "F64", torch.full(shape, 1 / 3, dtype=torch.float64))
+        with pytest.raises(UserError, match=r"tensor conv1\.weight in F64 with values float32 cannot hold"):
+            load_model(path)
+
+
+def test_h_a_tool_names_the_first_tensor_that_does_not_fit(tiny_data, tmp_path, capsys):
+    state = dict(ConvAutoencoder().state_dict())
+    state["t_conv1.bias"] = torch.zeros(8)
+    state["t_conv2.weight"] = torch.zeros(16, 3, 3, 3)
+    path = tmp_path / "other.safetensors"
+    save_file(state, str(path))
+    before = tree(tmp_path)
+    line = cli_error(capsys, evaluate_main, "--model", path, "--data", tiny_data)
+    assert "tensor t_conv1.bias has shape (8,), the model's is (16,)" in line, line
+    assert "written by train.py" in line
+    assert tree(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_data, tmp_path_factory) -> Path:
+    """8 steps at batch 8 with checkpoints at 4 and 8 (all kept)."""
+    out = tmp_path_factory.mktemp("short") / "out"
+    flags = ["--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "4", "--keep-checkpoints", "10"]
+    result = train("--data", tiny_data, "--out", out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_h_a_checkpoint_of_another_architecture_is_skipped_on_resume(tiny_data, short_run, tmp_path):
+    """The newest checkpoint holds conv1.weight of another shape (its manifest rewritten to match, so
+    it verifies): a warning names the tensor and the run resumes from the checkpoint before it."""
+    from ae.beton import sha256_file
+
+    out = tmp_path / "out"
+    shutil.copytree(short_run, out)
+    newest = out / "checkpoints" / "step_0000008"
+    weights = dict(load_file(str(newest / "model.safetensors")))
+    weights["conv1.weight"] = torch.zeros(8, 3, 3, 3)
+    save_file(weights, str(newest / "model.safetensors"))
+    manifest = json.loads((newest / "MANIFEST.json").read_text())
+    manifest["files"]["model.safetensors"] = {
+        "size": (newest / "model.safetensors").stat().st_size,
+        "sha256": sha256_file(newest / "model.safetensors"),
+    }
+    (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+    previous = tree(out / "checkpoints" / "step_0000004")
+    flags = ["--batch-size", "8", "--max-steps", "10", "--checkpoint-every", "4", "--keep-checkpoints", "10"]
+    result = train("--data", tiny_data, "--out", out, *flags)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert f"skipping checkpoint {newest}" in warnings[0]
+    assert "tensor conv1.weight has shape (8, 3, 3, 3), the model's is (16, 3, 3, 3)" in warnings[0]
+    assert "resuming from " + str(out / "checkpoints" / "step_0000004") in result.stdout
+    assert tree(out / "checkpoints" / "step_0000004") == previous
+
+
+# ------------------------------------------------------------------ I: derived numbers first
+
+
+def test_i_val_split_cannot_bypass_the_batch_size_limit(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    result = train("--data", tiny_data, "--out", out, "--batch-size", "8", "--val-split", "250", "--cpu")
+    assert_one_line_error(
+        result,
+        "--batch-size 8",
+        "6 training images each process gets (256 less --val-split 250)",
+        "use at most 6",
+    )
+    assert not out.exists()  # nor train.lock
+
+
+def _manifest(count: int) -> dict:
+    return {"splits": {"train": {"count": count}}}
+
+
+@pytest.mark.parametrize(
+    ("flags", "count", "needle"),
+    [
+        (
+            ["--warmup", "10000", "--max-steps", "5"],
+            256,
+            "--warmup 10000 is 10000 steps, not shorter than the run (5",
+        ),
+        (["--warmup", "0.9999999", "--max-steps", "3"], 256, "--warmup 0.9999999 is 3 steps"),
+        (["--val-split", "256"], 256, "--val-split 256 leaves no training images"),
+        (["--batch-size", "300"], 256, "--batch-size 300 is larger than the 256"),
+        (["--epochs", "1000000", "--batch-size", "1"], 50_000, "is 5e+10 steps, more than the 1000000000"),
+    ],
+)
+def test_i_derived_numbers_are_checked_against_each_other(tmp_path, flags, count, needle):
+    cfg = parse_args(["--out", str(tmp_path / "out"), *flags])
+    with pytest.raises(UserError) as err:
+        plan_run(cfg, _manifest(count), world_size=1)
+    assert needle in str(err.value), err.value
+    assert len(str(err.value)) < 300
+
+
+def test_i_numbers_in_messages_are_readable(tiny_data, tmp_path, capsys):
+    argv = ["--data", tiny_data, "--out", tmp_path / "out"]
+    line = cli_error(capsys, friendly_errors(parse_args), *argv, "--warmup", "1e308")
+    assert "'1e308'" in line and len(line) < 200, line
+    line = cli_error(capsys, friendly_errors(parse_args), *argv, "--max-steps", str(10**308))
+    assert "got 1e+308" in line and len(line) < 200, line
+    assert not (tmp_path / "out").exists()
+    plan = plan_run(parse_args([*map(str, argv), "--batch-size", "8", "--epochs", "3"]), _manifest(256), 2)
+    assert (plan.images_per_process, plan.steps_per_epoch, plan.total_steps) == (128, 16, 48)
+
+
+# ------------------------------------------------------------------ also
+
+
+def test_out_that_is_a_file_and_a_negative_noise_in_exponent_form(model_file, tiny_data, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    result = train("--data", tiny_data, "--out", afile)
+    assert_one_line_error(result, f"--out {afile} is a file: --out must be a folder")
+    assert afile.read_text() == "keep me"
+    line = cli_error(capsys, evaluate_main, "--model", model_file, "--data", tiny_data, "--noise", "-1e-9")
+    assert "--noise '-1e-9' is not valid: use a sigma in [0, 1]" in line, line
+    line = cli_error(capsys, friendly_errors(parse_args), "--out", tmp_path / "o", "--lr", "-1e-3")
+    assert "--lr must be a positive number" in line, line
+
+
+# ------------------------------------------------------------------ J: memory and numerics
+
+
+def _run_folder(tmp_path: Path, rows: list[dict], tail: str = "") -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return run_dir
+
+
+def _rows(n: int = 20) -> list[dict]:
+    rows = [
+        {"step": s, "epoch": 1, "train/loss": 0.7 - s / 1000, "train/step_time_ms": 2.0} for s in range(1, n)
+    ]
+    return rows + [{"step": n, "epoch": 1, "test/bce": 0.66, "test/psnr_db": 16.0, "test/mse": 0.02}]
+
+
+def test_j_report_leaves_out_values_outside_their_range_and_says_how_many(tmp_path, capsys):
+    rows = _rows()
+    rows[3]["train/loss"] = 1e308
+    rows[5]["train/step_time_ms"] = -1e300
+    rows[7]["train/loss"] = -1e-300 * 1e-8  # a tiny negative loss: out of range too
+    run_dir = _run_folder(tmp_path, rows)
+    assert report_main([str(run_dir)]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "left out values outside their range on 3 line(s)" in warnings[0], err
+    assert "train/loss" in warnings[0] and "train/step_time_ms" in warnings[0]
+    assert all((run_dir / "report" / f"{name}.png").stat().st_size > 0 for name in ("loss", "psnr", "speed"))
+    assert "test PSNR (dB) | 16.00" in (run_dir / "report.md").read_text()
+
+
+def test_j_report_skips_a_plot_it_cannot_draw_and_writes_the_rest(tmp_path, capsys, monkeypatch):
+    import ae.report
+
+    def broken(plt, records, title):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(ae.report, "plot_psnr", broken)
+    run_dir = _run_folder(tmp_path, _rows())
+    assert report_main([str(run_dir)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "[cae-train] warning: skipping psnr.png: it cannot be drawn from these values (LinAlgError: Singular matrix)"
+    ]
+    assert not (run_dir / "report" / "psnr.png").exists()
+    assert (run_dir / "report" / "loss.png").is_file() and (run_dir / "report" / "speed.png").is_file()
+    text = (run_dir / "report.md").read_text()
+    assert "(not drawn: see the warning)" in text and "![loss](report/loss.png)" in text
+
+
+def test_j_a_cut_metrics_line_never_loses_an_evaluation_row_silently(tmp_path, capsys):
+    """A line cut mid-write (a crash), with whole lines appended after it: skipped with a warning that
+    counts it as an evaluation row; the next append starts a line of its own."""
+    from ae.files import append_line
+
+    cut = '{"step": 10, "epoch": 1, "test/bce": 0.65, "test/psn'
+    run_dir = _run_folder(tmp_path, _rows(), tail=cut)
+    append_line(run_dir / "metrics.jsonl", json.dumps({"step": 21, "epoch": 1, "train/loss": 0.6}))
+    assert (
+        (run_dir / "metrics.jsonl")
+        .read_text()
+        .endswith(cut + '\n{"step": 21, "epoch": 1, "train/loss": 0.6}\n')
+    )
+    assert report_main([str(run_dir)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert (
+        len(lines) == 1
+        and "skipping 1 line(s) cut mid-write" in lines[0]
+        and "1 of them evaluation rows" in lines[0]
+    )
+    assert "last at step 21" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("h", "w"), [(3000, 4002), pytest.param(12000, 12000, marks=pytest.mark.slow, id="12000x12000")]
+)
+def test_j_reconstruct_memory_is_bounded_by_tiles_plus_the_decoded_image(model_file, tmp_path, h, w):
+    """Peak RSS over a 64x64 run's, for a big photo with --noise and --side-by-side: at most the
+    decoded image twice (Pillow's and numpy's copy while decoding) plus the noisy input, plus 32 MiB.
+    Before (whole-image PNG encoding, canvas, padded copy), at 4002x3000: 7.7 times the image
+    (measured 272 MiB over the small run's, against 87 MiB now)."""
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"
+    ramp = (np.arange(w, dtype=np.uint16)[None, :, None] * 255 // w).astype(np.uint8)
+    image = np.broadcast_to(ramp, (h, w, 3)).copy()
+    image[::7] = rng.integers(0, 256, (len(image[::7]), w, 3), dtype=np.uint8)
+    timeout = 180 if h * w < 20e6 else 1800
+    Image.fromarray(image).save(big)
+    small = tmp_path / "small.png"
+    Image.fromarray(image[:64, :64]).save(small)
+    del image, ramp
+    flags = ["--model", model_file, "--batch-size", "1", "--tile", "128", "--side-by-side", "--noise", "0.1"]
+    peaks = {}
+    for name, photo in (("small", small), ("big", big)):
+        command = [PYTHON, "-m", "ae.reconstruct", *flags, "--out", tmp_path / name, photo]
+        result, peaks[name] = run_measured(*command, timeout=timeout)
+        assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(tmp_path / "big" / "big_side_by_side.png") as side:
+        assert side.size == (3 * w + 2 * 8, h)
+    compact = h * w * 3 / 2**20
+    assert peaks["big"] - peaks["small"] < 3 * compact + 32, (peaks, compact)

@@ -189,7 +189,10 @@ def test_load_model_rejects_bad_weights(model_file, tmp_path):
     wrong = dict(_model().state_dict())
     wrong["conv1.weight"] = torch.zeros(8, 3, 3, 3)
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(UserError, match=r"wrong\.safetensors has conv1\.weight of shape \(8, 3, 3, 3\)"):
+    with pytest.raises(
+        UserError,
+        match=r"wrong\.safetensors .*tensor conv1\.weight has shape \(8, 3, 3, 3\), the model's is \(16, 3",
+    ):
         load_model(tmp_path / "wrong.safetensors")
     save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match=r"does not hold this project's ConvAutoencoder"):
