@@ -341,3 +341,18 @@ def read_images(data_dir: Path, split: str, indices: np.ndarray, device: torch.d
     """The images of a split at `indices` as one contiguous uint8 N,3,H,W tensor on `device`."""
     images = BetonFile(beton_path(data_dir, split)).images(indices)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+GRID_PER_CLASS = 2  # the reconstruction grid: this many images of every class
+
+
+def grid_indices(labels: np.ndarray, per_class: int = GRID_PER_CLASS) -> np.ndarray:
+    """Positions of the reconstruction grid's images: the first `per_class` of each class, class by
+    class, so the grid spans every class (the splits are class-sorted) and is the same in every run."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+
+
+def grid_images(data_dir: Path, split: str, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The reconstruction grid's images, from the evaluation images at `indices` of `split`."""
+    labels = BetonFile(beton_path(data_dir, split)).labels[indices]
+    return read_images(data_dir, split, indices[grid_indices(labels)], device)

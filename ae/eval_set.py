@@ -3,7 +3,7 @@
 `EvalSet` holds the test split, or with --val-split the held-out training images, each rank its
 contiguous shard (no FFCV pipeline: pixels are read straight from the beton). One pass gives the
 split's metrics and each class's sums (`ae.metrics.eval_sums`, reduced over the ranks), the
-reconstruction grid of the first `GRID_IMAGES` images, and, from those sums, the per-class table
+reconstruction grid of a fixed set spanning the classes (`ae.data.grid_images`), and, from those sums, the per-class table
 with one example per class at the end of a run.
 """
 
@@ -18,12 +18,10 @@ from torch import nn
 
 from ae.beton import BetonFile, beton_path
 from ae.config import TrainConfig
-from ae.data import EVAL_BATCH_SIZE, eval_shard, read_images
+from ae.data import EVAL_BATCH_SIZE, eval_shard, grid_images, read_images
 from ae.metrics import eval_sums, reconstruction_grid, summarize, summarize_classes, to_unit_float
 from ae.noise import Corruption, noise_generator
 from ae.stats import pixel_stats
-
-GRID_IMAGES = 16
 
 
 class EvalSet:
@@ -49,7 +47,7 @@ class EvalSet:
         if device.type == "cpu":  # CPU convolutions and pooling run ~1.6x faster channels-last
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = torch.from_numpy(BetonFile(beton_path(cfg.data, source)).labels[shard]).to(device)
-        self.grid_images = self.images[:GRID_IMAGES]
+        self.grid_images = grid_images(cfg.data, source, indices, device)  # every class, every run
         if cfg.val_split:
             every_image = read_images(cfg.data, source, indices, torch.device("cpu"))
             self.bce_floor = pixel_stats(every_image.permute(0, 2, 3, 1).numpy())[1]

@@ -1,6 +1,7 @@
 """Plots and a Markdown summary of a run, from OUT/metrics.jsonl alone (no W&B needed).
 
     python -m ae.report OUT
+    python -m ae.report EXPERIMENT | RUN_A RUN_B ...   # several runs compared: see ae.compare
 
 writes
     OUT/report/loss.png   train BCE and test BCE vs step, the test split's BCE floor as a horizontal line
@@ -319,35 +320,51 @@ def write_report(out: Path) -> list[Path]:
     if not out.is_dir():
         raise UserError(f"run folder {out} not found: pass the --out folder of a train.py run")
     records = read_metrics(out / "metrics.jsonl")
-    report_dir = out / REPORT_DIR
-    plots = [report_dir / f"{name}.png" for name in PLOTS]
+    plots = dict(zip(PLOTS, (plot_loss, plot_psnr, plot_speed), strict=True))
+    return write_files(
+        out, [out / "metrics.jsonl"], plots, records, lambda skipped: markdown(out, records, skipped)
+    )
+
+
+def write_files(
+    dest: Path,
+    inputs: list[Path],
+    plots: dict[str, Any],
+    data: Any,
+    text: Callable[[frozenset[str]], str],
+) -> list[Path]:
+    """Write DEST/report/NAME.png for each `plots` entry (NAME: plot(plt, data, title)) and
+    DEST/report.md (`text(names of the plots that could not be drawn)`), refusing to overwrite
+    `inputs`; returns the paths written. A plot that cannot be drawn is skipped with a warning."""
+    report_dir = dest / REPORT_DIR
+    paths = [report_dir / f"{name}.png" for name in plots]
     refuse_overwriting(
-        [out / "metrics.jsonl"],
-        [(path, f"the report's {path.name}") for path in [*plots, out / "report.md"]],
+        inputs,
+        [(path, f"the report's {path.name}") for path in [*paths, dest / "report.md"]],
         "replace that link with a plain file",
     )
     plt = _pyplot()
-    title = out.resolve().name
+    title = dest.resolve().name
     written = []
     skipped = set()
     with made_folder(report_dir, "the report folder"):
-        for path, plot in zip(plots, (plot_loss, plot_psnr, plot_speed), strict=True):
-            image = drawn(plt, plot, records, title, path.name)
+        for path, plot in zip(paths, plots.values(), strict=True):
+            image = drawn(plt, plot, data, title, path.name)
             if image is None:
                 skipped.add(path.stem)
                 continue
             atomic_write(path, image, "the report's plot")
             written.append(path)
-    path = out / "report.md"
-    atomic_write(path, markdown(out, records, frozenset(skipped)).encode("utf-8"), "the report")
+    path = dest / "report.md"
+    atomic_write(path, text(frozenset(skipped)).encode("utf-8"), "the report")
     written.append(path)
     return written
 
 
-def drawn(plt, plot: Callable, records: Sequence[dict[str, Any]], title: str, name: str) -> bytes | None:
+def drawn(plt, plot: Callable, data: Any, title: str, name: str) -> bytes | None:
     """A plot's PNG, or None (with one warning line) when it cannot be computed from these values."""
     try:
-        return _png(plt, plot(plt, records, title))
+        return _png(plt, plot(plt, data, title))
     except Exception as err:  # matplotlib raises many types (LinAlgError, OverflowError, ...)
         plt.close("all")
         reason = " ".join(str(err).split())[:200] or type(err).__name__
@@ -357,16 +374,43 @@ def drawn(plt, plot: Callable, records: Sequence[dict[str, Any]], title: str, na
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(
-        prog="python -m ae.report", description="Plots and a Markdown report from OUT/metrics.jsonl."
+        prog="python -m ae.report",
+        description="Plots and a Markdown report from OUT/metrics.jsonl; for several runs, a comparison (ae.compare).",
     )
-    p.add_argument("out", type=Path, metavar="OUT", help="the run folder (train.py --out)")
+    p.add_argument(
+        "out",
+        type=Path,
+        nargs="+",
+        metavar="OUT",
+        help="a run folder (train.py --out), or an experiment folder of runs, or several run folders",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=20.48,
+        help="several runs: the PSNR (dB) to time, in (0, 100]; default %(default)s",
+    )
+    p.add_argument(
+        "--to",
+        type=Path,
+        help="several runs: where report.md and report/ go (default: the "
+        "experiment folder, or the runs' common parent)",
+    )
     return p
 
 
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for path in write_report(args.out):
+    from ae.compare import is_one_run, write_comparison
+
+    if not (math.isfinite(args.target) and 0 < args.target <= 100):
+        raise UserError(f"--target must be a PSNR in (0, 100] dB, got {args.target}")
+    if len(args.out) == 1 and is_one_run(args.out[0]):
+        written = write_report(args.out[0])
+    else:
+        written = write_comparison(args.out, args.to, args.target)
+    for path in written:
         print(path, flush=True)
     return 0
 

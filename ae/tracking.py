@@ -24,8 +24,10 @@ import numpy as np
 from accelerate import Accelerator
 
 from ae.beton import SPLITS, beton_path, manifest_path
-from ae.errors import warn
+from ae.errors import UserError, warn
 from ae.files import append_line, atomic_write, ensure_folder, parse_json, png_bytes
+from ae.sweep import SUMMARY_FILE
+from ae.sweep import wandb_config as sweep_config
 
 WANDB_INIT_TIMEOUT_S = 45
 # Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
@@ -116,11 +118,16 @@ class RunLogger:
         self.metrics_path = out / "metrics.jsonl"
         self.images_dir = out / "reconstructions"
         self.wandb_dir = out / "wandb"
+        self.last_step = resume_step  # the highest step logged (or resumed from)
+        self.summary_path = out / SUMMARY_FILE
+        self.summary_step: int | None = None  # the step of OUT/summary.json, while it is current
         self.wandb_on = False
         self.run: Any = None  # the wandb Run, once started
         if not self.enabled:
             return
         self._drop_records_after(resume_step)
+        self.summary_step = _summary_step(self.summary_path)
+        self._forget_summary_before(resume_step)
         if wandb_mode != "disabled":
             self._start_wandb(out, wandb_mode, project, config, name, group, tags)
 
@@ -140,6 +147,12 @@ class RunLogger:
         if len(kept) != len(lines):
             atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode(), "the metrics log")
 
+    def _forget_summary_before(self, step: int) -> None:
+        """A run that trains past its summary's step (extended, or started afresh) is no longer finished."""
+        if self.summary_step is not None and self.summary_step != step:
+            self.summary_path.unlink(missing_ok=True)
+            self.summary_step = None
+
     def _start_wandb(
         self,
         out: Path,
@@ -155,6 +168,7 @@ class RunLogger:
         # W&B's own loggers write into OUT/wandb: on a full disk they must not print tracebacks.
         logging.raiseExceptions = False
         run_id = os.environ.get("WANDB_RUN_ID") or self._stored_run_id(out)
+        config = {**config, **sweep_config(out)}  # a sweep's run: its grid line, seed and task
         failures = []
         for attempt_mode in dict.fromkeys([mode, "offline"]):
             try:
@@ -260,8 +274,23 @@ class RunLogger:
         self._wandb_call("log the per-class table", call)
 
     def set_summary(self, values: dict[str, Any]) -> None:
-        if self.enabled:
-            self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
+        """The finished run's summary, to W&B and to OUT/summary.json (which marks the run finished;
+        a rerun of a finished run, at the same step, keeps the first one)."""
+        if not self.enabled:
+            return
+        if self.summary_step != self.last_step:
+            summary = {"step": self.last_step, **values}
+            try:
+                atomic_write(
+                    self.summary_path, (json.dumps(summary, indent=2) + "\n").encode(), "the run summary"
+                )
+                self.summary_step = self.last_step
+            except UserError as err:  # atomic_write's one line (a full disk, say)
+                warn(
+                    f"{err}. The run is complete, but ae.sweep and ae.report will count it as "
+                    "unfinished until a rerun writes it"
+                )
+        self._wandb_call("write the run summary", lambda: self.run.summary.update(values))
 
     @staticmethod
     def _stored_run_id(out: Path) -> str:
@@ -277,6 +306,9 @@ class RunLogger:
         """Append one record to metrics.jsonl and W&B; `image` (HWC uint8) is the reconstruction grid."""
         if not self.enabled:
             return
+        self.last_step = max(self.last_step, step)
+        if self.summary_step is not None and step > self.summary_step:
+            self._forget_summary_before(step)
         row = {"step": step, "epoch": epoch, **record}
         wandb_values = {"step": step, **record}
         if image is not None:
@@ -319,6 +351,15 @@ def _write_problem(folder: Path) -> str | None:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def _summary_step(path: Path) -> int | None:
+    """The step of a finished run's OUT/summary.json; None without one (or for an unreadable one)."""
+    try:
+        step = parse_json(path.read_bytes()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _step_of(line: str) -> int | None:

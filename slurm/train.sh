@@ -4,6 +4,12 @@
 #
 #   sbatch slurm/train.sh   # train.py's defaults: --data data/cifar10 (prepared if missing), --out runs/cifar10
 #   sbatch [--nodes=2] [--gpus-per-node=8 --cpus-per-task=32] [--partition=P] [--time=T] slurm/train.sh --data data --out runs/r1 [train.py flags]
+#   sbatch --array=0-4 slurm/train.sh --recipe fast                              # 5 seeds: --seed + K into OUT/seed-S
+#   sbatch --array=0-5 slurm/train.sh --grid grid.txt --seeds 3 --recipe fast    # 2 grid lines x 3 seeds: OUT/line-L-seed-S
+#
+# Job arrays: ae.sweep maps task K to its run (README "Many runs"), exactly as `python -m ae.sweep`
+# does without Slurm; each task is one job here (its own requeue and resume), its log
+# logs/cae-train-%A_%a.out, and all of them one W&B group, cae-ARRAYJOBID (or --wandb-group).
 #
 # CPUs: give each node's task at least one CPU per process, better several (--cpus-per-task, or
 # --exclusive): without a CPU request Slurm gives the task ONE CPU per node, which is not enough for
@@ -38,6 +44,10 @@ for repo in "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" "$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source=slurm/common.sh
 source "$repo/slurm/common.sh"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "run me with sbatch (SLURM_JOB_ID is not set)"
+# This job in Slurm's commands: an array task is ARRAYJOBID_TASK (the array's last task has the
+# array's job id as its SLURM_JOB_ID, and `scontrol requeue ARRAYJOBID` would requeue every task).
+JOB=${SLURM_ARRAY_TASK_ID:+${SLURM_ARRAY_JOB_ID:-}_${SLURM_ARRAY_TASK_ID}}
+JOB=${JOB:-$SLURM_JOB_ID}
 
 # ---------------------------------------------------------------- stop signals
 # Trapped first thing: a USR1 that comes before the trap would kill this script (a --time shorter
@@ -66,6 +76,45 @@ STOP_MARGIN_S=30
 
 activate_python
 command -v accelerate >/dev/null || die "accelerate is not on PATH (VENV=$VENV); install the requirements or set VENV"
+
+# ---------------------------------------------------------------- job arrays: one run per task
+# An array task's log is NAME-ARRAYJOBID_TASK.out (%A_%a): the default NAME-JOBID.out (%j; sbatch's
+# --output cannot tell arrays from single jobs, whose %a is 4294967294) is renamed to it, and Slurm
+# keeps writing to the open file. A requeued task appends its new start to it.
+name_array_log() {
+    local log folder target
+    log=$(scontrol -o show job "$JOB" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2)
+    folder=$(dirname "$log")
+    [[ -f "$log" && "$log" == "$folder/${SLURM_JOB_NAME:-}-${SLURM_JOB_ID}.out" ]] || return 0 # --output chosen
+    target="$folder/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"
+    if [[ -e "$target" ]]; then
+        cat "$log" >>"$target" && rm -f "$log"
+        exec >>"$target" 2>&1
+    else
+        mv "$log" "$target"
+    fi
+}
+sweep() { PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m ae.sweep "$@"; }
+TRAIN_ARGS=("$@")
+if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    name_array_log
+    if [[ -n "${DRY_RUN:-}" ]]; then
+        sweep --list "$((${SLURM_ARRAY_TASK_MAX:-$SLURM_ARRAY_TASK_ID} + 1))" "$@" | sed "s|^|[$NAME] dry run: |"
+        ((PIPESTATUS[0] == 0)) || exit 2
+    fi
+    # Task K's train.py arguments (NUL-separated) and OUT/.../run.json; a one-line error for a task
+    # beyond the grid, naming the --array it needs.
+    task_args=$(mktemp)
+    sweep --task "$SLURM_ARRAY_TASK_ID" ${DRY_RUN:+--dry-run} "$@" >"$task_args" || { rm -f "$task_args"; exit 2; }
+    mapfile -d '' TRAIN_ARGS <"$task_args"
+    rm -f "$task_args"
+else
+    for arg in "$@"; do
+        case "$arg" in
+            --grid | --grid=* | --seeds | --seeds=*) die "$arg needs a job array: sbatch --array=0-N slurm/train.sh ... (python -m ae.sweep --list ... prints the tasks)" ;;
+        esac
+    done
+fi
 
 # ---------------------------------------------------------------- nodes, GPUs, processes, CPUs
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -149,9 +198,8 @@ LAUNCH=(accelerate launch
     --main_process_port "$MASTER_PORT"
     "${CONFIG_ARGS[@]}"
     "${DEVICE_ARGS[@]}")
-TRAIN_ARGS=("$@")
 
-log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}"
+log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-})${SLURM_ARRAY_TASK_ID:+ array task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}"
 log "nodes=$NNODES gpus_per_node=$GPUS_PER_NODE processes=$NUM_PROCESSES ($PROCS_PER_NODE per node, ${DEVICE_ARGS[*]:-gpu}) cpus_per_node=$CPUS_ON_NODE"
 log "master=$MASTER_ADDR:$MASTER_PORT repo=$REPO python=$(command -v python) omp_threads=$OMP_NUM_THREADS"
 log "wandb run id=$WANDB_RUN_ID mode=${WANDB_MODE:-from flags}; train.py args: ${TRAIN_ARGS[*]}"
@@ -189,7 +237,7 @@ checkpoint_step() {
 START_STEP=$(checkpoint_step)
 # When the job ends (seconds since the epoch; empty without a time limit): after a signal, stop
 # waiting for the trainers STOP_MARGIN_S before it, so the requeue happens before Slurm's SIGTERM.
-END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+END_TIME=$(squeue -h -j "$JOB" -o %e 2>/dev/null)
 [[ "$END_TIME" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] && END_TIME=$(date -d "$END_TIME" +%s) || END_TIME=""
 
 # ---------------------------------------------------------------- run
@@ -237,11 +285,11 @@ if ((step <= START_STEP)); then
     log "error: no new checkpoint since this start (step $START_STEP): not requeueing; give the job a --time well above the USR1 warning (300 s)"
     exit 1
 fi
-log "checkpoint at step $step saved after SIGUSR1 (this start began at step $START_STEP); requeueing job $SLURM_JOB_ID"
-scontrol requeue "$SLURM_JOB_ID" && exit 0
-restarts=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+log "checkpoint at step $step saved after SIGUSR1 (this start began at step $START_STEP); requeueing job $JOB"
+scontrol requeue "$JOB" && exit 0
+restarts=$(scontrol -o show job "$JOB" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
 if ((${restarts:-0} > ${SLURM_RESTART_COUNT:-0})); then
-    log "Slurm has requeued job $SLURM_JOB_ID already"
+    log "Slurm has requeued job $JOB already"
     exit 0
 fi
 log "error: scontrol requeue failed; resubmit the same command to resume"

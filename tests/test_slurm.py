@@ -198,6 +198,22 @@ def _steer_kill(jobs: Jobs, s: Submitted) -> None:
     s.facts.update(pid=pid, t_kill=time.monotonic())
 
 
+def _steer_array(jobs: Jobs, s: Submitted) -> None:
+    """A 2-task array (seeds 0 and 1): after task 1's first checkpoint, preempt task 1 alone (USR1 to
+    its batch script); once it trains again after its restart and task 0 trains, scancel the array."""
+    task0, task1 = f"{s.job}_0", f"{s.job}_1"
+    seed0, seed1 = s.out / "seed-0", s.out / "seed-1"
+    jobs.wait_for(task1, "task 1's checkpoint", lambda: list((seed1 / "checkpoints").glob("step_*")))
+    jobs.cluster.scancel("--signal=USR1", "--batch", task1)
+    jobs.wait_for(task1, "task 1's requeue", lambda: jobs.cluster.info(task1).restarts >= 1)
+    s.facts["first_stop"] = first = max(stop_steps(jobs.log(task1)), default=0)
+    assert first > 0, f"no stop step in task 1's log:\n{jobs.log(task1)[-4000:]}"
+    jobs.wait_for(task1, "a step after the restart", lambda: max(train_steps(seed1), default=0) > first)
+    jobs.wait_for(task0, "task 0's steps", lambda: train_steps(seed0))
+    s.facts["task0_restarts_before_scancel"] = jobs.cluster.info(task0).restarts
+    jobs.cluster.scancel(s.job)
+
+
 TIME_LIMIT_LEAD_S = 120  # the time-limit job's --signal=B:USR1@ lead
 
 
@@ -292,6 +308,20 @@ def early(request, tiny_data, tmp_path_factory) -> dict[str, Submitted]:
         "slurm/train.sh",
         preemption_args,
         steer=_steer_preemption,
+    )
+    submit(
+        "array",
+        ["--array=0-1"],
+        "slurm/train.sh",
+        lambda out: train_args(
+            tiny_data, out, "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "5"
+        ),
+        users=(
+            "test_array_trains_each_seed_into_its_own_folder",
+            "test_array_preempting_one_task_resumes_only_that_task",
+            "test_array_scancel_ends_every_task",
+        ),
+        steer=_steer_array,
     )
     submit(
         "test_killed_worker_fails_the_job",
@@ -556,7 +586,9 @@ def test_bad_flag_fails_without_requeue(jobs, early):
     assert "requeueing" not in log
 
 
-def dry_run(cluster: SlurmCluster, tmp_path: Path, **env: str):
+def dry_run(
+    cluster: SlurmCluster, tmp_path: Path, args: tuple[str, ...] = ("--data", "d", "--out", "o"), **env: str
+):
     """`DRY_RUN=1 bash slurm/train.sh --data d --out o` as the batch script of a 2-node job n[1-2], job id
     4242, with `env` from Slurm or the submitting shell; a fake nvidia-smi that sees 2 GPUs (which
     the script must not count: they may be another job's)."""
@@ -575,7 +607,7 @@ def dry_run(cluster: SlurmCluster, tmp_path: Path, **env: str):
         DRY_RUN="1",
     )
     return subprocess.run(
-        ["bash", "slurm/train.sh", "--data", "d", "--out", "o"],
+        ["bash", "slurm/train.sh", *args],
         cwd=REPO,
         env={**base, **env},
         capture_output=True,
@@ -724,3 +756,99 @@ def test_node_signals_only_the_trainers(tmp_path):
     assert node.returncode == 0, output
     assert record.read_text().split() == ["trainer"], output
     assert re.search(r"SIGUSR1: sending USR1 to the training processes \(\d+ \)", output), output
+
+
+def _array_task(jobs: Jobs, s: Submitted, task: int) -> tuple[JobInfo, str]:
+    """Task `task` of the array once it has ended, and its log."""
+    info = jobs.wait(f"{s.job}_{task}", timeout=120)
+    return info, jobs.log(f"{s.job}_{task}")
+
+
+def test_array_trains_each_seed_into_its_own_folder(jobs, early):
+    """`sbatch --array=0-1 slurm/train.sh ...`: task K trains seed K into OUT/seed-K, says so in its log
+    (NAME-ARRAYJOBID_K.out) and its run.json; both runs are one W&B group."""
+    s = early["array"]
+    s.steered(timeout=2 * JOB_TIMEOUT)
+    first_losses = []
+    for task in (0, 1):
+        info, log = _array_task(jobs, s, task)
+        out = s.out / f"seed-{task}"
+        print(f"array task {s.job}_{task}: {info}\n{log[-3000:]}")
+        assert (jobs.tmp / f"cae-train-{s.job}_{task}.out").is_file()
+        assert not (jobs.tmp / f"cae-train-{info.fields['JobId']}.out").exists()  # renamed, not copied
+        assert f"[ae.sweep] task {task}: seed {task} → {out}" in log, log[-3000:]
+        assert f"array task {s.job}_{task} restart 0" in log, log[-3000:]
+        run = json.loads((out / "run.json").read_text())
+        assert (run["task"], run["seed"], run["line"]) == (task, task, 0), run
+        assert run["slurm"] == {
+            "job_id": info.fields["JobId"],
+            "array_job_id": s.job,
+            "array_task_id": str(task),
+        }
+        assert run["args"][-6:] == ["--seed", str(task), "--out", str(out), "--wandb-group", f"cae-{s.job}"]
+        rows = [
+            json.loads(line)
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+            if line.endswith("}")
+        ]
+        first_losses.append(next(r["train/loss"] for r in rows if r.get("step") == 1))
+    assert first_losses[0] != first_losses[1]  # two seeds, two different runs
+
+
+def test_array_preempting_one_task_resumes_only_that_task(jobs, early):
+    """USR1 to task 1's batch script: task 1 is requeued and resumes from its own checkpoint, every step
+    logged once; task 0 runs on, never restarted."""
+    s = early["array"]
+    facts = s.steered(timeout=2 * JOB_TIMEOUT)
+    info1, log1 = _array_task(jobs, s, 1)
+    info0, log0 = _array_task(jobs, s, 0)
+    first = facts["first_stop"]
+    assert info1.restarts == 1 and "caught SIGUSR1" in log1, (str(info1), log1[-4000:])
+    assert f"checkpoint at step {first} saved after SIGUSR1" in log1 and f"requeueing job {s.job}_1" in log1
+    assert f"resuming from {s.out}/seed-1/checkpoints/step_{first:07d}" in log1, log1[-4000:]
+    steps = train_steps(s.out / "seed-1")
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > first, steps
+    assert facts["task0_restarts_before_scancel"] == 0 and info0.restarts == 0, str(info0)
+    assert "caught SIGUSR1" not in log0 and "resuming" not in log0, log0[-4000:]
+
+
+def test_array_scancel_ends_every_task(jobs, early):
+    """`scancel ARRAYJOBID` ends both tasks for good: CANCELLED, no requeue."""
+    s = early["array"]
+    s.steered(timeout=2 * JOB_TIMEOUT)
+    time.sleep(5)  # a requeue would show by now
+    for task, restarts in ((0, 0), (1, 1)):
+        info, log = _array_task(jobs, s, task)
+        assert (info.state, info.restarts) == ("CANCELLED", restarts), (str(info), log[-4000:])
+        assert "caught SIGTERM" in log.rsplit("restart", 1)[-1], log[-4000:]
+        assert log.count("requeueing job") == restarts, log[-4000:]
+
+
+def test_array_dry_run_lists_every_task(cluster, tmp_path):
+    """DRY_RUN=1 as task 3 of a 2-line x 2-seed array: every task's command, this task's plan, nothing
+    written; task 4 is beyond the grid (one line naming --array=0-3); --grid without an array refused."""
+    grid = tmp_path / "grid.txt"
+    grid.write_text("--lr 5e-3\n# comment\n--lr 1e-2 --batch-size 64\n")
+    args = ("--grid", str(grid), "--seeds", "2", "--data", "d", "--out", str(tmp_path / "o"))
+    array = {"SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_MAX": "3"}
+    res = dry_run(cluster, tmp_path, args, SLURM_ARRAY_TASK_ID="3", **array)
+    assert res.returncode == 0, res.stdout + res.stderr
+    listed = re.findall(r"dry run: task (\d)/4: .*: train\.py (.*)", res.stdout)
+    assert [int(k) for k, _ in listed] == [0, 1, 2, 3], res.stdout
+    assert (
+        listed[3][1]
+        == f"--data d --lr 1e-2 --batch-size 64 --seed 1 --out {tmp_path}/o/line-2-seed-1 --wandb-group cae-4240"
+    )
+    plan = res.stdout.split("dry run: srun", 1)[1]
+    assert plan.rstrip().endswith(listed[3][1]), plan
+    assert not (tmp_path / "o").exists()
+
+    res = dry_run(cluster, tmp_path, args, SLURM_ARRAY_TASK_ID="4", **array)
+    assert res.returncode == 2, res.stdout + res.stderr
+    (line,) = res.stderr.splitlines()
+    assert (
+        "task 4 is beyond the experiment's 4 runs (2 grid lines × 2 seeds): submit with --array=0-3" in line
+    )
+
+    res = dry_run(cluster, tmp_path, args)
+    assert res.returncode == 2 and "--grid needs a job array: sbatch --array=0-N" in res.stderr, res.stderr

@@ -65,7 +65,10 @@ def test_outputs_are_written(run_dir):
     model.load_state_dict(load_file(str(out / "model.safetensors")))
     grids = sorted((out / "reconstructions").glob("step_*.png"))
     assert [p.name for p in grids] == ["step_0000016.png", "step_0000032.png"]
-    assert Image.open(grids[0]).size == (16 * 32 * 4, 2 * 32 * 4)  # 16 originals above 16 reconstructions
+    assert Image.open(grids[0]).size == (
+        20 * 32 * 4,
+        2 * 32 * 4,
+    )  # 2 images of each class above their reconstructions
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step_0000016", "step_0000032"]  # --keep-checkpoints 2
     assert "total" in result.stdout and "1,495" in result.stdout  # the layer summary
@@ -195,4 +198,4 @@ def test_denoising_run_reports_noisy_psnr_and_gain(tiny_data, tmp_path):
     final = [r for r in metrics(out) if "test/bce" in r][-1]
     assert final["test/denoise_gain_db"] == pytest.approx(final["test/psnr_db"] - final["test/noisy_psnr_db"])
     assert 12 < final["test/noisy_psnr_db"] < 16  # σ=0.2 Gaussian noise, clipped to [0, 1]
-    assert Image.open(out / "reconstructions" / "step_0000008.png").size == (16 * 32 * 4, 3 * 32 * 4)
+    assert Image.open(out / "reconstructions" / "step_0000008.png").size == (20 * 32 * 4, 3 * 32 * 4)
