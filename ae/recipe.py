@@ -1,9 +1,10 @@
 """The recipe a run trains with, and the rule for resuming: only the same recipe continues a run.
 
 The recipe is what decides the weights (learning rate, batch size, seed, noise, world size, the
-training data, the schedule, Adam's betas, the held-out part). It is stored in every checkpoint;
-resuming with another recipe is refused with one line naming what changed. Keys added later are
-read from old checkpoints as the value they were trained with (`RECIPE_BEFORE_KEY`).
+training data, the schedule, the betas, the held-out part, the optimizer options of `ae.optim`).
+It is stored in every checkpoint; resuming with another recipe is refused with one line naming
+what changed. Keys added later are read from old checkpoints as the value they were trained with
+(`RECIPE_BEFORE_KEY`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ae.config import TrainConfig
 from ae.errors import UserError
 from ae.model import ConvAutoencoder
 from ae.noise import Corruption
+from ae.optim import OPTIMIZER_BEFORE_KEY, OPTIMIZER_RECIPE_KEYS, WeightAverage, optimizer_recipe
 from ae.schedule import LRSchedule
 from ae.weights import model_signature
 
@@ -31,6 +33,7 @@ RECIPE_KEYS = (
     "schedule_steps",
     "betas",
     "val_split",
+    *OPTIMIZER_RECIPE_KEYS,
 )
 # What checkpoints written before a key existed were trained with: the study's recipe.
 RECIPE_BEFORE_KEY = {
@@ -39,6 +42,7 @@ RECIPE_BEFORE_KEY = {
     "schedule_steps": None,
     "betas": [0.9, 0.999],
     "val_split": 0,
+    **OPTIMIZER_BEFORE_KEY,
 }
 
 
@@ -49,6 +53,7 @@ def make_recipe(
     manifest: dict[str, Any],
     schedule: LRSchedule,
     total_steps: int,
+    average: WeightAverage | None,
 ) -> dict[str, Any]:
     """The recipe of this run, keyed by `RECIPE_KEYS`."""
     return {
@@ -64,6 +69,7 @@ def make_recipe(
         "schedule_steps": None if cfg.schedule == "constant" else total_steps,
         "betas": list(cfg.adam_betas),
         "val_split": cfg.val_split,
+        **optimizer_recipe(cfg, average),
     }
 
 

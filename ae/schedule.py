@@ -22,8 +22,8 @@ from ae.errors import STEPS_MAX, UserError, readable
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 
-def parse_warmup(spec: str) -> int | float:
-    """`--warmup`: a whole number of steps ("500", an int) or a fraction of the run ("0.1", a float)."""
+def parse_run_point(flag: str, spec: str) -> int | float:
+    """A point in the run: a whole number of steps ("500", an int) or a fraction of the run ("0.1", a float)."""
     try:
         value = float(spec)
     except ValueError:
@@ -33,21 +33,31 @@ def parse_warmup(spec: str) -> int | float:
     if 0 <= value < 1:
         return value
     raise UserError(
-        f"--warmup must be a step count up to {readable(STEPS_MAX)} (500) or a fraction of the run below 1 "
+        f"{flag} must be a step count up to {readable(STEPS_MAX)} (500) or a fraction of the run below 1 "
         f"(0.1), got {spec!r}"
     )
 
 
-def warmup_steps(spec: str, total_steps: int) -> int:
-    """`--warmup` in steps, for a run of `total_steps` steps."""
-    value = parse_warmup(spec)
+def run_point_steps(flag: str, spec: str, total_steps: int) -> int:
+    """A `parse_run_point` value in steps, for a run of `total_steps` steps."""
+    value = parse_run_point(flag, spec)
     steps = value if isinstance(value, int) else round(value * total_steps)
     if steps >= total_steps and steps > 0:
         raise UserError(
-            f"--warmup {spec} is {readable(steps)} steps, not shorter than the run ({readable(total_steps)} "
-            "steps): use fewer warm-up steps, or a fraction like 0.1"
+            f"{flag} {spec} is {readable(steps)} steps, not shorter than the run ({readable(total_steps)} "
+            "steps): use fewer steps, or a fraction like 0.1"
         )
     return steps
+
+
+def parse_warmup(spec: str) -> int | float:
+    """`--warmup`: steps or a fraction of the run."""
+    return parse_run_point("--warmup", spec)
+
+
+def warmup_steps(spec: str, total_steps: int) -> int:
+    """`--warmup` in steps, for a run of `total_steps` steps."""
+    return run_point_steps("--warmup", spec, total_steps)
 
 
 @dataclass(frozen=True)

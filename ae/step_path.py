@@ -1,4 +1,4 @@
-"""What a training step runs on: the model and Adam prepared by Accelerate, eager or as a CUDA graph.
+"""What a training step runs on: the model and its optimizer (`ae.optim`) prepared by Accelerate, eager or as a CUDA graph.
 
 `build_step_path` seeds and builds the model, chooses the step path (`ae.fast.choose_step_path`)
 and prepares model and optimizer, with DDP built on the graph's side stream when the graph is
@@ -23,6 +23,7 @@ from ae.config import TrainConfig
 from ae.fast import CudaGraphStep, StepPathLog, choose_step_path
 from ae.model import ConvAutoencoder, layer_summary
 from ae.noise import Corruption
+from ae.optim import build_optimizer
 
 
 @dataclass
@@ -52,9 +53,7 @@ def build_step_path(cfg: TrainConfig, accelerator: Accelerator, say: Callable[[s
     if path_note and accelerator.is_main_process:
         say(f"note: {path_note}")
     # capturable stays False except while the CUDA graph is captured (ae.fast).
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda"
-    )
+    optimizer = build_optimizer(model, cfg, device)
     # DDP keeps every parameter's gradient accumulator, tied to the stream current when DDP is
     # built; a graph capturing the backward must run on that stream, so with the graph DDP is
     # built on the graph's side stream (PyTorch's CUDA-graph notes, "Usage with DDP").

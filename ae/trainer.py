@@ -48,6 +48,7 @@ from ae.faults import perturbed, stop_injected, with_lr_fault
 from ae.files import atomic_write
 from ae.metrics import bce_loss, to_unit_float
 from ae.noise import noise_generator, parse_noise
+from ae.optim import build_average
 from ae.out_dir import prepare_out_dir
 from ae.profiling import StepProfiler
 from ae.recipe import make_recipe, resume_point
@@ -125,8 +126,11 @@ class Trainer:
             LRSchedule(cfg.schedule, cfg.lr, warmup_steps(cfg.warmup, self.total_steps), self.total_steps),
             cfg.inject_lr_scale,
         )
+        self.average = build_average(acc.unwrap_model(self.path.model), cfg, self.total_steps)
+        if self.average is not None:  # saved and restored with the checkpoints
+            acc.register_for_checkpointing(self.average)
         self.recipe = make_recipe(
-            cfg, self.noise, self.world_size, self.manifest, self.schedule, self.total_steps
+            cfg, self.noise, self.world_size, self.manifest, self.schedule, self.total_steps, self.average
         )
         self.step, self.last_eval_step, self.last_checkpoint_step = 0, -1, -1
         self.final_metrics: dict[str, float] | None = None
@@ -276,6 +280,8 @@ class Trainer:
         else:
             loss = self._eager_step(images)
             self.step_paths.eager_steps += 1
+        if self.average is not None:
+            self.average.update(self.step)
         self.counters.add_step(loss)
 
     def _eager_step(self, images: torch.Tensor) -> torch.Tensor:
@@ -348,9 +354,17 @@ class Trainer:
         self.windows.resume()
 
     def _test_metrics(self) -> tuple[dict[str, float], Any]:
-        model = self.accelerator.unwrap_model(self.path.model)
+        model = self._evaluated_model()
         self.final_metrics, grid = self.eval_set.metrics(self.accelerator, model, self.noise)
         return self.final_metrics, grid
+
+    def _evaluated_model(self) -> torch.nn.Module:
+        """The weights evaluated and saved: their average with --average, else the trained ones."""
+        return (
+            self.average.module
+            if self.average is not None
+            else self.accelerator.unwrap_model(self.path.model)
+        )
 
     def _save_checkpoint(self) -> None:
         if self.last_checkpoint_step == self.step:
@@ -375,8 +389,7 @@ class Trainer:
         """The final weights, as OUT/model.safetensors (written atomically by the main process)."""
         acc = self.accelerator
         weights = {
-            k: v.detach().float().cpu().contiguous()
-            for k, v in acc.unwrap_model(self.path.model).state_dict().items()
+            k: v.detach().float().cpu().contiguous() for k, v in self._evaluated_model().state_dict().items()
         }
         weights = perturbed(weights, self.cfg, self.rank)
         if self.world_size > 1:  # each rank's own weights, so that diverged replicas show
@@ -404,7 +417,7 @@ class Trainer:
 
     def _per_class(self) -> None:
         """Per-class PSNR and BCE from the final evaluation, with an example each: OUT/per_class.json, W&B."""
-        model = self.accelerator.unwrap_model(self.path.model)
+        model = self._evaluated_model()
         rows, examples = self.eval_set.per_class(self.accelerator, model, self.noise)
         if self.accelerator.is_main_process:
             self.logger.log_per_class(rows, examples, self.step)

@@ -9,7 +9,9 @@ at most --parallel at a time (each with OMP_NUM_THREADS=1 when more than one run
 one JSON line per run to WORK/results.jsonl: the flags, seed, epochs and steps, the final
 evaluation (`test/*`, or `val/*` with --val-split), wall time, the machine, and the time to the
 study's quality: the first evaluated step at or above STUDY_PSNR_DB, and the training seconds
-up to it (step time from metrics.jsonl; evaluations and start-up excluded). Pass --eval-every
+up to it (step time from metrics.jsonl; evaluations and start-up excluded), and the final
+model's bottleneck health: each of the 4 channels' active fraction after conv2's ReLU over the
+first 1,000 training images (bench/bottleneck.py; near 0 is a silent channel). Pass --eval-every
 in the train flags for a finer time to quality than once per epoch.
 """
 
@@ -30,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.bottleneck import channel_activity  # noqa: E402
 from bench.throughput import machine_info  # noqa: E402
 
 STUDY_PSNR_DB = 20.48  # the study's recipe after 100 epochs (measured on an H100 before this project)
@@ -84,6 +87,7 @@ def run_one(data: Path, work: Path, name: str, seed: int, flags: list[str], thre
         "seed": seed,
         "flags": flags,
         **summarize_run(read_metrics(out)),
+        "bottleneck_active": [round(f, 4) for f in channel_activity(data, out / "model.safetensors")],
         "wall_s": wall,
         "omp_threads": threads or os.environ.get("OMP_NUM_THREADS"),
         "load_average": [load_start, os.getloadavg()[0]],
@@ -116,16 +120,18 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(path: Path) -> str:
     """Markdown: one line per run, then per name the mean and the worst PSNR over its seeds."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "psnr_db" in r]  # a run stopped by hand has no final evaluation
     lines = [
         "| name | flags | seed | split | epochs | steps | PSNR dB | BCE excess | steps to 20.48 dB | "
-        "train s to 20.48 dB | wall s |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "train s to 20.48 dB | wall s | bottleneck active |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | `{' '.join(r['flags'])}` | {r['seed']} | {r['split']} | {r['epochs']} | {r['steps']} | "
             f"{r['psnr_db']:.2f} | {r['bce_excess']:.4f} | {_fmt(r['steps_to_study_quality'], 'd')} | "
-            f"{_fmt(r['train_seconds_to_study_quality'], '.1f')} | {r['wall_s']:.0f} |"
+            f"{_fmt(r['train_seconds_to_study_quality'], '.1f')} | {r['wall_s']:.0f} | "
+            f"{' '.join(f'{a:.2f}' for a in r.get('bottleneck_active', [])) or '–'} |"
         )
     lines += [
         "",

@@ -11,8 +11,17 @@ from tests.helpers import PYTHON, REPO, clean_env, metrics, ok, same_weights, tr
 
 @pytest.mark.parametrize(
     "schedule",
-    [[], ["--schedule", "onecycle", "--lr", "1e-2", "--warmup", "0.2"]],
-    ids=["study", "onecycle"],
+    [
+        [],
+        ["--schedule", "onecycle", "--lr", "1e-2", "--warmup", "0.2"],
+        # The sprint preset's schedule and optimizer options (averaging, clipping), over the same 384 steps.
+        ["--recipe", "sprint", "--max-steps", str(12 * 32)],
+        # ... with every optimizer option on: the average is restored too (SWA from step 5, before
+        # any stop, never forgets its start, so an average not restored would show in the weights).
+        ["--recipe", "sprint", "--max-steps", str(12 * 32), "--optimizer", "adamw", "--weight-decay", "0.01"]
+        + ["--clip-grad-norm", "0.5", "--average", "swa", "--average-start", "5"],
+    ],
+    ids=["study", "onecycle", "sprint", "sprint-options"],
 )
 def test_sigusr1_checkpoints_and_the_rerun_is_bit_identical(tiny_data, tmp_path, schedule):
     recipe = [

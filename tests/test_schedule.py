@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ae.beton import BetonFile, beton_path
-from ae.config import RECIPES, TrainConfig, build_parser, parse_args
+from ae.config import RECIPE_RESULTS, RECIPES, TrainConfig, build_parser, parse_args
 from ae.data import held_out
 from ae.errors import UserError
 from ae.schedule import LRSchedule, warmup_steps
@@ -59,8 +59,10 @@ def test_recipes_set_their_values_and_explicit_flags_override_them(tmp_path):
     defaults = TrainConfig(data=tmp_path, out=tmp_path / "o")
     for key in ("epochs", "lr", "batch_size", "schedule", "warmup", "betas"):
         assert getattr(study, key) == getattr(defaults, key) == RECIPES["study"][key]
-    fast = parse_args([*base, "--recipe", "fast"])
-    assert {k: getattr(fast, k) for k in RECIPES["fast"]} == RECIPES["fast"]
+    for name in ("fast", "sprint"):
+        preset = parse_args([*base, "--recipe", name])
+        assert {k: getattr(preset, k) for k in RECIPES[name]} == RECIPES[name]
+    assert parse_args([*base, "--recipe", "sprint", "--max-steps", "200"]).max_steps == 200
     overridden = parse_args([*base, "--recipe", "best", "--lr", "3e-3", "--epochs", "4"])
     assert (overridden.lr, overridden.epochs, overridden.schedule) == (3e-3, 4, RECIPES["best"]["schedule"])
     help_text = " ".join(build_parser().format_help().split())
@@ -69,6 +71,7 @@ def test_recipes_set_their_values_and_explicit_flags_override_them(tmp_path):
             f"{name}: epochs {preset['epochs']}, schedule {preset['schedule']}, lr {preset['lr']}"
             in help_text
         )
+        assert f"({RECIPE_RESULTS[name]})" in help_text
     with pytest.raises(UserError, match="--betas"):
         parse_args([*base, "--betas", "0.9"])
 
