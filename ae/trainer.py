@@ -120,6 +120,10 @@ class Trainer:
         self.run_lock = prepare_out_dir(acc, self.out, cfg.fresh)
         self.startup.mark("data check")
         self.batches, val_indices = train_batches(cfg, self.manifest, acc)
+        self.startup.mark("train loader")
+        self.path = build_step_path(cfg, acc, _say)  # before the recipe: --average is built on the model
+        self.step_paths = StepPathLog(self.path.use_graph)  # train/step_path, train/graph_replays
+        self.startup.mark("model")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.schedule = with_lr_fault(
@@ -137,11 +141,7 @@ class Trainer:
         self.first_eval_seconds: float | None = None
         resumed = resume_point(self.out, self.recipe, cfg.fresh or cfg.inject_no_resume)
         self.logger = self._start_logger(resumed[1]["step"] if resumed else 0)  # W&B starts meanwhile
-        self.startup.mark("train loader")
         with self.logger.finished_on_error():  # never leave W&B half-started
-            self.path = build_step_path(cfg, acc, _say)
-            self.step_paths = StepPathLog(self.path.use_graph)  # train/step_path, train/graph_replays
-            self.startup.mark("model")
             self.eval_set = EvalSet(cfg, self.manifest, val_indices, acc)
             self.startup.mark("eval images")
             skipped_steps = self._resume(*resumed) if resumed else 0
