@@ -38,13 +38,17 @@ class StartupPhases:
     def first_step_done(self) -> bool:
         return self.marks[-1][0] == FIRST_STEP
 
-    def line(self, first_eval_seconds: float) -> str:
-        """`start-up: T s to the end of the first step (phase s, ...); first evaluation E s`."""
+    def line(self, first_eval_seconds: float, wandb: tuple[float, float] | None = None) -> str:
+        """`start-up: T s to the end of the first step (phase s, ...); W&B ...; first evaluation E s`.
+
+        `wandb`: the seconds W&B's start took in its own thread, and those the trainer then waited.
+        """
         phases = [(name, end - start) for (_, start), (name, end) in pairwise(self.marks)]
+        beside = f"; W&B start {wandb[0]:.1f} s beside them (waited {wandb[1]:.1f} s)" if wandb else ""
         return (
             f"start-up: {self.marks[-1][1] - self.marks[0][1]:.1f} s to the end of the first step ("
             + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases)
-            + f"); first evaluation {first_eval_seconds:.1f} s"
+            + f"){beside}; first evaluation {first_eval_seconds:.1f} s"
         )
 
 

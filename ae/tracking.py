@@ -10,19 +10,21 @@ summaries, a readable name, a group, tags, and a per-class table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
 
+from ae.background import InBackground
 from ae.beton import SPLITS, beton_path, manifest_path
 from ae.errors import UserError, warn
 from ae.files import append_line, atomic_write, ensure_folder, parse_json, png_bytes
@@ -112,7 +114,9 @@ class RunLogger:
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
+        dataset: tuple[Path, dict[str, Any]] | None = None,
     ):
+        """`dataset`: (data folder, manifest) of the data trained on, recorded in W&B."""
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.metrics_path = out / "metrics.jsonl"
@@ -123,13 +127,62 @@ class RunLogger:
         self.summary_step: int | None = None  # the step of OUT/summary.json, while it is current
         self.wandb_on = False
         self.run: Any = None  # the wandb Run, once started
+        self._starting: InBackground | None = None
+        self._notes: list[Callable[[], None]] | None = None  # what the start says, said once it is waited for
+        self.start_seconds: tuple[float, float] | None = None  # W&B's start: its own time, the time waited
+        self._held: list[tuple[dict[str, Any], int, np.ndarray | None]] = []  # logged while W&B started
         if not self.enabled:
             return
         self._drop_records_after(resume_step)
         self.summary_step = _summary_step(self.summary_path)
         self._forget_summary_before(resume_step)
         if wandb_mode != "disabled":
-            self._start_wandb(out, wandb_mode, project, config, name, group, tags)
+            self._notes = []
+
+            def start() -> None:
+                self._start_wandb(out, wandb_mode, project, config, name, group, tags)
+                if dataset is not None:
+                    self._log_dataset(*dataset)
+
+            # W&B starts while the trainer builds the rest and trains: records logged meanwhile are
+            # held and sent once it has started; every other W&B call waits for it.
+            self._starting = InBackground(start, "wandb-start")
+
+    def _started(self) -> None:
+        """Wait for W&B's start (once); then say what it had to say and send the records it held."""
+        if self._starting is None:
+            return
+        starting, self._starting = self._starting, None
+        try:
+            waited = starting.wait()
+        finally:
+            notes, self._notes = self._notes or [], None
+            for note in notes:
+                note()
+        self.start_seconds = (starting.seconds or 0.0, waited)
+        held, self._held = self._held, []
+        for values, step, image in held:
+            self._log_wandb(values, step, image)
+
+    @contextlib.contextmanager
+    def finished_on_error(self) -> Iterator[None]:
+        """Finish W&B if the code inside raises; the error goes on. A start still under way is not
+        waited for (an interrupt must end the run at once): W&B's exit hook then ends it."""
+        try:
+            yield
+        except BaseException:
+            if self._starting is None or self._starting.done:
+                with contextlib.suppress(Exception):
+                    self.finish()
+            raise
+
+    def _say(self, message: str, warning: bool = False) -> None:
+        """A line now, or (while W&B starts in its thread) once the trainer waits for it."""
+        line = (lambda: warn(message)) if warning else (lambda: print(f"[cae-train] {message}", flush=True))
+        if self._notes is not None:
+            self._notes.append(line)
+        else:
+            line()
 
     def _drop_records_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: forget what they logged before."""
@@ -197,13 +250,16 @@ class RunLogger:
             self.run = self.accelerator.get_tracker("wandb", unwrap=True)
             self._wandb_call("define its metrics", self._define_metrics)
             if failures:
-                warn(
+                self._say(
                     f"W&B could not start {failures[0]}; logging offline instead (upload later with "
-                    f"`wandb sync {out / 'wandb'}/offline-run-*`)"
+                    f"`wandb sync {out / 'wandb'}/offline-run-*`)",
+                    warning=True,
                 )
-            print(f"[cae-train] W&B run {name} (id {run_id}, {attempt_mode}) in {out / 'wandb'}", flush=True)
+            self._say(f"W&B run {name} (id {run_id}, {attempt_mode}) in {out / 'wandb'}")
             return
-        warn(f"W&B could not start {' or '.join(failures)}; metrics still go to metrics.jsonl")
+        self._say(
+            f"W&B could not start {' or '.join(failures)}; metrics still go to metrics.jsonl", warning=True
+        )
 
     def _define_metrics(self) -> None:
         self.run.define_metric("step")
@@ -220,9 +276,11 @@ class RunLogger:
             call()
         except Exception as err:  # W&B must never stop training
             self.wandb_on = False
-            warn(f"W&B could not {what} ({type(err).__name__}: {err}); W&B is off, metrics.jsonl goes on")
+            self._say(
+                f"W&B could not {what} ({type(err).__name__}: {err}); W&B is off, metrics.jsonl goes on", True
+            )
 
-    def log_dataset(self, data_dir: Path, manifest: dict[str, Any]) -> None:
+    def _log_dataset(self, data_dir: Path, manifest: dict[str, Any]) -> None:
         """Record the data the run trains on. Online the run uses the artifact (W&B's lineage graph);
         offline W&B refuses `use_artifact`, so it is logged as the run's own for `wandb sync` to carry."""
 
@@ -233,10 +291,10 @@ class RunLogger:
             else:
                 self.run.use_artifact(artifact)
 
-        if self.enabled:
-            self._wandb_call("log the dataset artifact", call)
+        self._wandb_call("log the dataset artifact", call)
 
     def log_model(self, weights: Path, metadata: dict[str, Any], step: int) -> None:
+        self._started()
         if self.enabled:
             self._wandb_call(
                 "log the model artifact",
@@ -247,6 +305,7 @@ class RunLogger:
 
     def log_per_class(self, rows: list[dict[str, Any]], examples: dict[str, np.ndarray], step: int) -> None:
         """Write OUT/per_class.json and OUT/per_class/CLASS.png; log them as a W&B table at `step`."""
+        self._started()
         if not self.enabled:
             return
         folder = self.metrics_path.parent / "per_class"
@@ -276,6 +335,7 @@ class RunLogger:
     def set_summary(self, values: dict[str, Any]) -> None:
         """The finished run's summary, to W&B and to OUT/summary.json (which marks the run finished;
         a rerun of a finished run, at the same step, keeps the first one)."""
+        self._started()
         if not self.enabled:
             return
         if self.summary_step != self.last_step:
@@ -310,22 +370,30 @@ class RunLogger:
         if self.summary_step is not None and step > self.summary_step:
             self._forget_summary_before(step)
         row = {"step": step, "epoch": epoch, **record}
-        wandb_values = {"step": step, **record}
         if image is not None:
             path = self.images_dir / f"step_{step:07d}.png"
             ensure_folder(self.images_dir, "the reconstructions folder")
             atomic_write(path, png_bytes(image), "the reconstruction grid")
             row["test/reconstructions"] = str(path.relative_to(self.metrics_path.parent))
-            if self.wandb_on:
-                import wandb
-
-                wandb_values["test/reconstructions"] = wandb.Image(
-                    image, caption="top: input, bottom: output"
-                )
         append_line(self.metrics_path, json.dumps(row), "a metrics record to")
-        self._wandb_call("log", lambda: self.accelerator.log(wandb_values, step=step))
+        if self._starting is not None and not self._starting.done:
+            self._held.append(({"step": step, **record}, step, image))
+            return
+        self._started()
+        self._log_wandb({"step": step, **record}, step, image)
+
+    def _log_wandb(self, values: dict[str, Any], step: int, image: np.ndarray | None) -> None:
+        if self.wandb_on and image is not None:
+            import wandb
+
+            values = {
+                **values,
+                "test/reconstructions": wandb.Image(image, caption="top: input, bottom: output"),
+            }
+        self._wandb_call("log", lambda: self.accelerator.log(values, step=step))
 
     def finish(self) -> None:
+        self._started()
         if not (self.enabled and self.wandb_on):
             return
         try:

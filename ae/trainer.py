@@ -119,12 +119,11 @@ class Trainer:
         self.out, self.checkpoints = cfg.out, cfg.out / "checkpoints"
         self.run_lock = prepare_out_dir(acc, self.out, cfg.fresh)
         self.startup.mark("data check")
-        self.path = build_step_path(cfg, acc, _say)
-        self.step_paths = StepPathLog(self.path.use_graph)  # train/step_path, train/graph_replays
         self.batches, val_indices = train_batches(cfg, self.manifest, acc)
-        self.startup.mark("model, train loader")
-        self.eval_set = EvalSet(cfg, self.manifest, val_indices, acc)
-        self.startup.mark("eval images")
+        self.startup.mark("train loader")
+        self.path = build_step_path(cfg, acc, _say)  # before the recipe: --average is built on the model
+        self.step_paths = StepPathLog(self.path.use_graph)  # train/step_path, train/graph_replays
+        self.startup.mark("model")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.schedule = with_lr_fault(
@@ -137,18 +136,19 @@ class Trainer:
         self.recipe = make_recipe(
             cfg, self.noise, self.world_size, self.manifest, self.schedule, self.total_steps, self.average
         )
-        self.step, skipped_steps = 0, 0
-        self.last_eval_step = self.last_checkpoint_step = -1
+        self.step, self.last_eval_step, self.last_checkpoint_step = 0, -1, -1
         self.final_metrics: dict[str, float] | None = None
         self.first_eval_seconds: float | None = None
         resumed = resume_point(self.out, self.recipe, cfg.fresh or cfg.inject_no_resume)
-        if resumed is not None:
-            skipped_steps = self._resume(*resumed)
-        self.fast_step = make_fast_step(self.path, cfg, acc, self.noise, self.step_paths)
-        self.logger = self._start_logger()
+        self.logger = self._start_logger(resumed[1]["step"] if resumed else 0)  # W&B starts meanwhile
+        with self.logger.finished_on_error():  # never leave W&B half-started
+            self.eval_set = EvalSet(cfg, self.manifest, val_indices, acc)
+            self.startup.mark("eval images")
+            skipped_steps = self._resume(*resumed) if resumed else 0
+            self.fast_step = make_fast_step(self.path, cfg, acc, self.noise, self.step_paths)
+            self.profiler = StepProfiler(cfg.profile, self.out, self.device.type, self.rank)
         self.counters = StepCounters(self.device, self.step, skipped_steps)
-        self.profiler = StepProfiler(cfg.profile, self.out, self.device.type, self.rank)
-        self.startup.mark("resume, W&B")
+        self.startup.mark("resume")
 
     def _resume(self, latest: Path, state: dict[str, Any]) -> int:
         """Load the checkpoint `latest` (model, optimizer, every rank's RNG); its skipped-step count."""
@@ -159,7 +159,7 @@ class Trainer:
             _say(f"resuming from {latest} (step {self.step}, epoch {self._epoch_of(self.step)})")
         return state["skipped_steps"]
 
-    def _start_logger(self) -> RunLogger:
+    def _start_logger(self, step: int) -> RunLogger:
         """metrics.jsonl (cut back to the resumed step) and W&B, which records the dataset used."""
         cfg, acc = self.cfg, self.accelerator
         run_config = {
@@ -172,19 +172,18 @@ class Trainer:
             "git_commit": _git_commit(),
             "data_manifest": self.manifest,
         }
-        logger = RunLogger(
+        return RunLogger(
             acc,
             self.out,
             self.wandb_mode,
             cfg.wandb_project,
             run_config,
-            self.step,
+            step,
             name=run_name(self.out),
             group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP"),
             tags=run_tags(self.device.type, self.world_size, acc.mixed_precision, cfg.fast, cfg.noise),
+            dataset=(cfg.data, self.manifest),
         )
-        logger.log_dataset(cfg.data, self.manifest)
-        return logger
 
     # ------------------------------------------------------------------ loop
 
@@ -437,5 +436,5 @@ class Trainer:
             + f" → {self.out / 'model.safetensors'}"
         )
         if self.startup.first_step_done and self.first_eval_seconds is not None:
-            _say(self.startup.line(self.first_eval_seconds))
+            _say(self.startup.line(self.first_eval_seconds, self.logger.start_seconds))
         # else no step or no evaluation ran in this process (a finished run, rerun)

@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.run_metrics import step_windows  # noqa: E402
+
 # Importing ffcv drops torch's thread count to 1 (ae.data puts it back): the worker restores this
 # after writing data. --threads replaces it; trainer processes get it as OMP_NUM_THREADS (ae.data
 # follows that).
@@ -112,45 +114,20 @@ def synthetic_count(steps_needed: int, batch_sizes: list[int]) -> int:
     return max(unit, count)
 
 
-def _write_beton(path: Path, images: np.ndarray) -> None:
-    from data_prep.sources import Split
-    from data_prep.writer import write_beton
-
-    write_beton(path, Split(images, np.zeros(len(images), dtype=np.int64), ["synthetic"]), progress=False)
-
-
 def make_synthetic_data(folder: Path, n_train: int, n_test: int) -> tuple[Path, np.ndarray]:
-    """A prepared data folder (betons + manifest.json) of synthetic images; returns it and the train images."""
-    from ae import beton
-    from ae.stats import pixel_stats
+    """A prepared data folder of synthetic images, written by data_prep's writer; returns it and the train images."""
+    from data_prep.sources import SourceSpec, Split
+    from data_prep.writer import write_outputs
 
     folder.mkdir(parents=True, exist_ok=True)
     images = synthetic_images(n_train + n_test)
-    splits = {"train": images[:n_train], "test": images[n_train:]}
-    entries = {}
-    for split, split_images in splits.items():
-        path = beton.beton_path(folder, split)
-        _write_beton(path, split_images)
-        pixel_mean, bce_floor = pixel_stats(split_images)
-        entries[split] = {
-            "file": path.name,
-            "count": len(split_images),
-            "classes": ["synthetic"],
-            "image_shape": list(split_images.shape[1:]),
-            "sha256": beton.sha256_file(path),
-            "size_bytes": path.stat().st_size,
-            "pixel_mean": pixel_mean,
-            "bce_floor": bce_floor,
-        }
-    manifest = {
-        "format_version": beton.FORMAT_VERSION,
-        "source": {"kind": "image-folder", "path": str(folder), "downloaded": False},
-        "limit": None,
-        "splits": entries,
+    splits = {
+        split: Split(split_images, np.zeros(len(split_images), dtype=np.int64), ["synthetic"])
+        for split, split_images in (("train", images[:n_train]), ("test", images[n_train:]))
     }
-    beton.manifest_path(folder).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_outputs(folder, SourceSpec("image-folder", folder), None, splits, False, lambda message: None)
     torch.set_num_threads(TORCH_THREADS)
-    return folder, splits["train"]
+    return folder, splits["train"].images
 
 
 def load_train_images(data_dir: Path) -> np.ndarray:
@@ -267,30 +244,20 @@ def window_plan(steps: int, warmup: int, log_every: int) -> tuple[int, int]:
 
 def steady_state(rows: list[dict], warmup: int) -> dict[str, Any]:
     """Steady-state numbers from metrics.jsonl train rows: the windows that start at or after `warmup`."""
-    train = sorted((r for r in rows if "train/step_time_ms" in r), key=lambda r: r["step"])
-    windows = []
-    previous = 0
-    for r in train:
-        steps = r["step"] - previous
-        seconds = r["train/step_time_ms"] * steps / 1000.0
-        windows.append((previous, steps, seconds, r["train/images_per_s"] * seconds))
-        previous = r["step"]
-    measured = [w for w in windows if w[0] >= warmup and w[1] > 0]
-    warm = [w for w in windows if w[0] < warmup]
+    windows = step_windows(rows)
+    measured = [w for w in windows if w.first_step >= warmup and w.steps > 0]
+    warm = [w for w in windows if w.first_step < warmup]
     if not measured:
         raise RuntimeError(f"no logging window after the {warmup} warm-up steps in metrics.jsonl")
-    steps = sum(w[1] for w in measured)
-    seconds = sum(w[2] for w in measured)
-    images = sum(w[3] for w in measured)
+    steps = sum(w.steps for w in measured)
+    seconds = sum(w.seconds for w in measured)
     ms = 1000.0 * seconds / steps
-    warm_steps = sum(w[1] for w in warm)
-    warm_seconds = sum(w[2] for w in warm)
     return {
         "ms_per_step": ms,
-        "images_per_s": images / seconds,
+        "images_per_s": sum(w.images for w in measured) / seconds,
         "measured_steps": steps,
-        "window_ms": [1000.0 * w[2] / w[1] for w in measured],
-        "warmup_excess_s": max(0.0, warm_seconds - warm_steps * ms / 1000.0),
+        "window_ms": [w.step_time_ms for w in measured],
+        "warmup_excess_s": max(0.0, sum(w.seconds for w in warm) - sum(w.steps for w in warm) * ms / 1000.0),
     }
 
 

@@ -356,12 +356,12 @@ def _prepare_locked(
         log(f"limit: kept the first {limit} images of each split")
     log(f"read the source in {time.perf_counter() - started:.1f} s")
     try:
-        return _write_outputs(out, spec, limit, splits, progress, log)
+        return write_outputs(out, spec, limit, splits, progress, log)
     except OSError as err:
         raise write_failure(err, "the data folder", out) from None
 
 
-def _write_outputs(
+def write_outputs(
     out: Path,
     spec: SourceSpec,
     limit: int | None,
@@ -369,6 +369,7 @@ def _write_outputs(
     progress: bool | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Write both betons and manifest.json for `splits` into `out` (temp files, renamed into place)."""
     beton_fields()  # import FFCV (several seconds) before timing the writes
     temps: dict[str, Path] = {}
     try:

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ae.model import ConvAutoencoder
-from tests.helpers import REPO, assert_one_line_error, metrics, ok, train, train_losses
+from tests.helpers import REPO, assert_one_line_error, metrics, ok, train, train_losses, wandb_records
 
 TRAIN_KEYS = {"train/loss", "train/step_time_ms", "train/images_per_s", "train/lr", "train/epoch"}
 TEST_KEYS = {"test/bce", "test/bce_floor", "test/bce_excess", "test/psnr_db", "test/mse"}
@@ -94,6 +94,19 @@ def test_wandb_offline_run_has_the_metrics_and_the_image(run_dir):
     assert config["world_size"] == 1 and config["batch_size"] == 16 and config["mixed_precision"] == "no"
     assert config["data_manifest"]["splits"]["train"]["count"] == 256
     assert record["run_id"] == (out / "wandb_run_id.txt").read_text().strip()
+
+
+def test_wandb_gets_every_record_even_those_logged_while_it_started(tiny_data, tmp_path):
+    """W&B starts in a thread beside the trainer: what is logged before it is up is held, then sent
+    in order, so the W&B history holds every training record of metrics.jsonl."""
+    out = tmp_path / "out"
+    flags = ["--max-steps", "3", "--batch-size", "16", "--log-every", "1", "--wandb-mode", "offline"]
+    result = ok(train("--data", str(tiny_data), "--out", str(out), *flags))
+    assert "W&B start" in result.stdout and "beside them" in result.stdout  # the start-up line says so
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    history = [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
+    sent = [(row["step"], row["train/loss"]) for row in history if "train/loss" in row]
+    assert sent == train_losses(out) and len(sent) == 3
 
 
 def test_rerun_of_a_finished_run_says_so_and_a_larger_epochs_extends_it(run_dir, tiny_data):
