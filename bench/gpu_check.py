@@ -191,6 +191,7 @@ def _kill_tree(process: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.kill()
     process.wait()
+    psutil.wait_procs(victims, timeout=10)  # a kill is asynchronous: return once they are gone
 
 
 def run_logged(argv: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
