@@ -305,9 +305,12 @@ class BetonFile:
         data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._size,))
         try:
             flat = out.reshape(len(indices), nbytes)
-            for i, index in enumerate(indices):
-                ptr = int(self.pointers[index])
-                flat[i] = data[ptr : ptr + nbytes]
+            pointers = self.pointers[indices]
+            # Copy runs of images stored back to back in one go (a whole split is a few runs).
+            breaks = np.flatnonzero(np.diff(pointers) != nbytes) + 1
+            for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(indices)], strict=True):
+                ptr = int(pointers[start])
+                flat[start:end] = data[ptr : ptr + (end - start) * nbytes].reshape(end - start, nbytes)
         finally:
             del data
         return out

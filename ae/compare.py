@@ -10,6 +10,8 @@ writes into the experiment folder (several folders: their common parent, or --to
                              finished seeds, ranked by the worst seed
     report/psnr_runs.png     PSNR against step, one line per run, coloured by grid line
     report/final_psnr.png    final PSNR against each value a grid flag takes (by seed without a grid)
+    report.jsonl             the runs' table as JSON lines, one run each (`run_rows`), with its
+                             PSNR at each evaluated step: the experiment's record for other tools
 
 Runs that are still going, stopped or failed are listed with their state and left out of the
 per-line figures. A torn metrics.jsonl (a run writing, or killed mid-line) is read up to its last
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shlex
 import statistics
@@ -224,6 +227,14 @@ def line_summaries(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["worst"] is None, -(row["worst"] or 0.0)))
 
 
+def run_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One JSON-ready row per run: its folder, grid line, seed, state and figures."""
+    return [
+        {"run": r.out.name, "line": r.line, "flags": r.label, "seed": r.seed, "state": r.state, **r.figures}
+        for r in results
+    ]
+
+
 def _cell(value: Any, fmt: str) -> str:
     return "–" if value is None else _format(value, fmt)
 
@@ -387,6 +398,12 @@ def write_comparison(paths: Sequence[Path], dest: Path | None, target_db: float)
         dest = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
     plots = dict(zip(COMPARE_PLOTS, (plot_psnr_runs, plot_final_psnr), strict=True))
     inputs = [r.out / "metrics.jsonl" for r in results]
+    record = "".join(json.dumps(row) + "\n" for row in run_rows(results)).encode()
     return write_files(
-        dest, inputs, plots, results, lambda skipped: markdown(results, dest, target_db, skipped)
+        dest,
+        inputs,
+        plots,
+        results,
+        lambda skipped: markdown(results, dest, target_db, skipped),
+        beside={"report.jsonl": record},
     )

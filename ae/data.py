@@ -29,7 +29,7 @@ from ae.errors import UserError
 if TYPE_CHECKING:
     from ffcv.loader import Loader
 
-EVAL_BATCH_SIZE = 1000
+EVAL_BATCH_SIZE = 250  # on the CPU ~2x faster than 1,000: the activations stay in cache
 VAL_SPLIT_SEED = 12345  # fixed, so every run and seed holds out the same images
 # torch's own default (importing ffcv drops it to 1); FFCV calls below put it back after them.
 _TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
@@ -269,10 +269,10 @@ class DeviceResidentBatches:
     ):
         """`indices`: the images of the training split to train on (all but a held-out part)."""
         images = read_images(data_dir, "train", indices, torch.device("cpu"))
-        shard = np.arange(rank, len(images), world_size)
-        padded_len = -(-len(images) // world_size)
-        shard = np.resize(shard, padded_len)
-        self.images = images[torch.from_numpy(shard)].to(device)
+        if world_size > 1:
+            shard = np.resize(np.arange(rank, len(images), world_size), -(-len(images) // world_size))
+            images = images[torch.from_numpy(shard)]
+        self.images = images.to(device)
         self.batch_size = batch_size
         self.seed = seed
 
@@ -337,10 +337,13 @@ def read_split(data_dir: Path, split: str, count: int, device: torch.device) -> 
     return read_images(data_dir, split, np.arange(count), device)
 
 
-def read_images(data_dir: Path, split: str, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The images of a split at `indices` as one contiguous uint8 N,3,H,W tensor on `device`."""
-    images = BetonFile(beton_path(data_dir, split)).images(indices)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+def read_images(
+    data_dir: Path, split: str, indices: np.ndarray, device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
+    """The images of a split at `indices` as one uint8 N,3,H,W tensor on `device`: contiguous, or
+    channels-last (the beton's own layout, so no copy)."""
+    images = torch.from_numpy(BetonFile(beton_path(data_dir, split)).images(indices)).permute(0, 3, 1, 2)
+    return (images if channels_last else images.contiguous()).to(device)
 
 
 GRID_PER_CLASS = 2  # the reconstruction grid: this many images of every class

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -68,6 +69,9 @@ def friendly_errors(main: Callable[..., R]) -> Callable[..., R]:
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
+        except BrokenPipeError:  # stdout's reader went away (`... | head`): stop quietly, as shell tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            raise SystemExit(128 + signal.SIGPIPE) from None
 
     return wrapper
 

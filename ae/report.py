@@ -332,15 +332,18 @@ def write_files(
     plots: dict[str, Any],
     data: Any,
     text: Callable[[frozenset[str]], str],
+    beside: dict[str, bytes] | None = None,
 ) -> list[Path]:
-    """Write DEST/report/NAME.png for each `plots` entry (NAME: plot(plt, data, title)) and
-    DEST/report.md (`text(names of the plots that could not be drawn)`), refusing to overwrite
-    `inputs`; returns the paths written. A plot that cannot be drawn is skipped with a warning."""
+    """Write DEST/report/NAME.png for each `plots` entry (NAME: plot(plt, data, title)),
+    DEST/report.md (`text(names of the plots that could not be drawn)`) and each `beside` file
+    (DEST/NAME: its bytes), refusing to overwrite `inputs`; returns the paths written. A plot that
+    cannot be drawn is skipped with a warning."""
     report_dir = dest / REPORT_DIR
     paths = [report_dir / f"{name}.png" for name in plots]
+    beside_paths = {dest / name: data for name, data in (beside or {}).items()}
     refuse_overwriting(
         inputs,
-        [(path, f"the report's {path.name}") for path in [*paths, dest / "report.md"]],
+        [(path, f"the report's {path.name}") for path in [*paths, dest / "report.md", *beside_paths]],
         "replace that link with a plain file",
     )
     plt = _pyplot()
@@ -355,10 +358,19 @@ def write_files(
                 continue
             atomic_write(path, image, "the report's plot")
             written.append(path)
+    for path, content in beside_paths.items():
+        atomic_write(path, content, f"the report's {path.name}")
+        written.append(path)
     path = dest / "report.md"
     atomic_write(path, text(frozenset(skipped)).encode("utf-8"), "the report")
     written.append(path)
     return written
+
+
+def check_target(target: float) -> None:
+    """UserError unless --target is a PSNR in (0, 100] dB."""
+    if not (math.isfinite(target) and 0 < target <= 100):
+        raise UserError(f"--target must be a PSNR in (0, 100] dB, got {target}")
 
 
 def drawn(plt, plot: Callable, data: Any, title: str, name: str) -> bytes | None:
@@ -404,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ae.compare import is_one_run, write_comparison
 
-    if not (math.isfinite(args.target) and 0 < args.target <= 100):
-        raise UserError(f"--target must be a PSNR in (0, 100] dB, got {args.target}")
+    check_target(args.target)
     if len(args.out) == 1 and is_one_run(args.out[0]):
         written = write_report(args.out[0])
     else:

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ae.beton import BetonFile, beton_path  # noqa: E402
 from ae.data import read_images  # noqa: E402
 from ae.metrics import to_unit_float  # noqa: E402
 from ae.model import ConvAutoencoder  # noqa: E402
@@ -36,8 +37,10 @@ def active_fractions(model: ConvAutoencoder, images: torch.Tensor) -> list[float
 
 
 def channel_activity(data: Path, model_path: Path, split: str = "train", images: int = 1000) -> list[float]:
-    """`active_fractions` of the model at `model_path` over the split's first `images` images."""
-    batch = read_images(data, split, np.arange(images), torch.device("cpu"))
+    """`active_fractions` of the model at `model_path` over the split's first `images` images (all of
+    a smaller split)."""
+    count = len(BetonFile(beton_path(data, split)))
+    batch = read_images(data, split, np.arange(min(images, count)), torch.device("cpu"))
     return active_fractions(load_model(model_path), batch)
 
 

@@ -787,3 +787,17 @@ def test_j_reconstruct_memory_is_bounded_by_tiles_plus_the_decoded_image(model_f
         assert side.size == (3 * w + 2 * 8, h)
     compact = h * w * 3 / 2**20
     assert peaks["big"] - peaks["small"] < 3 * compact + 32, (peaks, compact)
+
+
+def test_a_closed_stdout_ends_a_tool_quietly(tmp_path):
+    """`... | head`: the reader of stdout goes away mid-output. The tool stops with SIGPIPE's exit
+    status (141, as shell tools do) and no traceback, neither then nor at the interpreter's exit."""
+    command = [PYTHON, "-m", "ae.sweep", "--list", "5000", "--out", str(tmp_path / "exp")]
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as tool:
+        assert tool.stdout.readline().startswith("task 0: seed 0")
+        tool.stdout.close()
+        stderr = tool.stderr.read()
+        assert tool.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

@@ -165,9 +165,18 @@ def _steer_preemption(jobs: Jobs, s: Submitted) -> None:
 
 
 def _steer_cancel_after_steps(jobs: Jobs, s: Submitted) -> None:
-    """Once steps are logged, cancel the job (the study's 100 epochs are not needed here)."""
+    """Once steps are logged and W&B has said how it started (it starts beside the first steps),
+    cancel the job (the study's 100 epochs are not needed here)."""
+    log = s.facts["clone"] / "logs" / f"cae-train-{s.job}.out"
+
+    def wandb_said() -> bool:
+        return log.is_file() and bool(
+            re.search(r"\[cae-train\] (warning: )?W&B ", log.read_text(errors="replace"))
+        )
+
     try:
         jobs.wait_for(s.job, "training step", lambda: train_steps(s.out, "test/bce"))
+        jobs.wait_for(s.job, "W&B's start line", wandb_said)
         jobs.cluster.scancel(s.job)
     except BaseException as err:
         s.error = err

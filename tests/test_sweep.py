@@ -19,7 +19,17 @@ from ae.beton import BetonFile, beton_path
 from ae.data import GRID_PER_CLASS, grid_indices
 from ae.sweep import main as sweep_main
 from ae.trainer import weights_digest
-from tests.helpers import PYTHON, assert_one_line_error, clean_env, metrics, ok, run, wandb_records, weights
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    assert_one_line_error,
+    clean_env,
+    metrics,
+    ok,
+    run,
+    wandb_records,
+    weights,
+)
 
 GRID = "# learning rates\n--lr 5e-3\n\n--lr 2e-2 --batch-size 16   # a second flag\n"
 LINES = ["--lr 5e-3", "--lr 2e-2 --batch-size 16"]
@@ -187,6 +197,14 @@ def test_report_compares_the_runs(experiment, tmp_path):
     assert second[2] == "3,4 (of 2)" and float(second[4]) == min(psnrs)
     assert abs(float(second[5]) - (max(psnrs) - min(psnrs))) < 0.011
 
+    record = {r["run"]: r for r in map(json.loads, (out / "report.jsonl").read_text().splitlines())}
+    assert sorted(record) == NAMES  # the same table as JSON lines, each run with its PSNR curve
+    for name in NAMES:
+        r = record[name]
+        assert (f"`{r['flags']}`", str(r["seed"]), r["state"]) == tuple(rows[name][1:4])
+        assert (f"{r['psnr_db']:.2f}", r["steps_to_target"]) == (rows[name][5], int(rows[name][7]))
+        assert r["psnr_curve"][-1] == r["psnr_db"] and len(r["eval_steps"]) == len(r["psnr_curve"])
+
     for name in ("psnr_runs", "final_psnr"):
         with Image.open(out / "report" / f"{name}.png") as image:
             assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 250
@@ -281,3 +299,31 @@ def test_run_states(tmp_path):
     finally:
         os.close(fd)
     assert run_state(tmp_path / "live", None) == "not finished"  # the holder is gone
+
+
+def test_the_tuning_record_adds_the_bottleneck_to_the_reports_rows(experiment, tmp_path):
+    """bench/recipes.py: one JSON line per run, the report's row plus each finished run's bottleneck
+    activity (4 fractions, each from its own model); it never writes over a run's metrics."""
+    out = tmp_path / "exp"
+    shutil.copytree(experiment["out"], out)
+    (out / NAMES[1] / "summary.json").unlink()  # not finished: no bottleneck figure
+    record = tmp_path / "record.jsonl"
+    script = str(REPO / "bench" / "recipes.py")
+    ok(run([PYTHON, script, str(out), "--data", str(experiment["data"]), "--to", str(record)]))
+    rows = {r["run"]: r for r in map(json.loads, record.read_text().splitlines())}
+    assert sorted(rows) == NAMES
+    activity = {}
+    for name, row in rows.items():
+        assert row["seed"] == int(name[-1]) and row["machine"]["cpus_usable"] >= 1
+        if name == NAMES[1]:
+            assert row["state"] == "stopped (resumable)" and "bottleneck_active" not in row
+            continue
+        assert row["state"] == "finished" and len(row["bottleneck_active"]) == 4
+        assert all(0.0 <= f <= 1.0 for f in row["bottleneck_active"])
+        activity[name] = tuple(row["bottleneck_active"])
+    assert len(set(activity.values())) == len(activity)  # each run's own model was measured
+    metrics_file = out / NAMES[0] / "metrics.jsonl"
+    before = metrics_file.read_bytes()
+    result = run([PYTHON, script, str(out), "--data", str(experiment["data"]), "--to", str(metrics_file)])
+    assert_one_line_error(result, "would overwrite the input")
+    assert metrics_file.read_bytes() == before
