@@ -15,6 +15,7 @@ import json
 import logging
 import netrc
 import os
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,18 @@ WANDB_INIT_TIMEOUT_S = 45
 # Summaries that sort runs: the best test PSNR, the lowest losses (W&B's default is the last value);
 # the step time's summary is the run's median, set at the end (`set_summary`).
 SUMMARIES = {"test/psnr_db": "max", "test/bce": "min", "train/loss": "min", "train/step_time_ms": "none"}
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (recorded in the run's config and the model's metadata), if git knows it."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_name(out: Path) -> str:

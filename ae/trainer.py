@@ -18,12 +18,10 @@ does next (stop, skip a step, a failed write) is one value the ranks agree on (`
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from contextlib import closing
@@ -57,31 +55,12 @@ from ae.schedule import LRSchedule, warmup_steps
 from ae.step_path import build_step_path, guarded_optimizer_step, make_fast_step
 from ae.stopping import StopSignals
 from ae.timing import StartupPhases, StepWindows
-from ae.tracking import RunLogger, default_wandb_mode, run_name, run_tags
+from ae.tracking import RunLogger, default_wandb_mode, git_commit, run_name, run_tags
+from ae.weights import weights_digest
 
 
 def _say(message: str) -> None:
     print(f"[cae-train] {message}", flush=True)
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        result = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def weights_digest(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors' bytes in name order: equal digests mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode())
-        digest.update(weights[name].numpy().tobytes())
-    return digest.hexdigest()
 
 
 def start_accelerator(cfg: TrainConfig, wandb_mode: str) -> Accelerator:
@@ -169,7 +148,7 @@ class Trainer:
             "mixed_precision": acc.mixed_precision,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "data_manifest": self.manifest,
         }
         return RunLogger(
@@ -410,7 +389,7 @@ class Trainer:
                 "recipe": self.recipe,
                 "step": self.step,
                 "test": self.final_metrics,
-                "git_commit": _git_commit(),
+                "git_commit": git_commit(),
                 "data_sha256": {split: self.manifest["splits"][split]["sha256"] for split in SPLITS},
             }
             self.logger.log_model(path, metadata, self.step)

@@ -1,4 +1,5 @@
-"""Shared by the tools: load trained weights (OUT/model.safetensors), pick the device, parse --noise.
+"""Shared by the tools: load trained weights (OUT/model.safetensors), pick the device, parse --noise,
+and the weights' digest.
 
 `python -m ae.reconstruct` and `python -m ae.evaluate` both go through `load_model`, so a missing,
 truncated, foreign or wrong-shaped file is reported the same way: which file, what is wrong, what to do.
@@ -6,6 +7,7 @@ truncated, foreign or wrong-shaped file is reported the same way: which file, wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -205,3 +207,12 @@ def noise_arg(spec: str | None) -> Corruption | None:
             f"--noise {spec!r} is not valid: use a sigma in [0, 1] (e.g. 0.1), gaussian:SIGMA or saltpepper:P"
         )
     return Corruption("gaussian", sigma)
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of the (CPU) tensors' bytes in name order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].numpy().tobytes())
+    return digest.hexdigest()

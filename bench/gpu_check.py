@@ -238,7 +238,7 @@ def weights_finite(out: Path) -> bool:
 def weights_digest(out: Path) -> str:
     from safetensors.torch import load_file
 
-    from ae.trainer import weights_digest as digest
+    from ae.weights import weights_digest as digest
 
     return digest(load_file(str(out / "model.safetensors")))
 

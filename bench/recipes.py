@@ -1,7 +1,7 @@
 """The tuning record of an experiment, for bench/results/: ae.report's row of each run, with the
 final model's bottleneck health and the machine, as JSON lines.
 
-    python -m ae.sweep --grid GRID --seeds 5 --parallel 2 --out runs/EXP -- train.py flags   # train
+    python -m ae.sweep --grid GRID --seeds 5 --parallel 2 --out runs/EXP [train.py flags]   # train
     python -m ae.report runs/EXP                  # report.md, report.jsonl and the plots
     python bench/recipes.py runs/EXP --data DIR --to bench/results/EXP.jsonl [--note TEXT]
 

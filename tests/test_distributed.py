@@ -7,7 +7,7 @@ DDP averages it into every rank's gradients, so both ranks must skip that step a
 import json
 import re
 
-from ae.trainer import weights_digest
+from ae.weights import weights_digest
 from tests.helpers import ACCELERATE, clean_env, free_port, metrics, ok, run, weights
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from ae.beton import BetonFile, beton_path
 from ae.data import GRID_PER_CLASS, grid_indices
 from ae.sweep import main as sweep_main
-from ae.trainer import weights_digest
+from ae.weights import weights_digest
 from tests.helpers import (
     PYTHON,
     REPO,
