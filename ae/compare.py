@@ -191,7 +191,15 @@ def read_run(out: Path, target_db: float) -> RunResult:
 
 def read_runs(paths: Sequence[Path], target_db: float) -> list[RunResult]:
     results = [read_run(out, target_db) for out in find_runs(paths)]
-    # Grid lines keep their number; runs of other folders get numbers after them, by label.
+    # Grid lines keep their number (one experiment); runs of other folders get numbers after them,
+    # by label. Runs of several experiments whose numbers mean other lines are numbered by label.
+    labels: dict[int, set[str]] = {}
+    for r in results:
+        if r.line:
+            labels.setdefault(r.line, set()).add(r.label)
+    if any(len(names) > 1 for names in labels.values()):
+        for r in results:
+            r.line = 0
     numbers = {r.label: r.line for r in results if r.line}
     for r in results:
         if not r.line:

@@ -224,6 +224,20 @@ def test_several_run_folders_and_bad_paths(experiment, tmp_path):
     assert_one_line_error(run([PYTHON, "-m", "ae.report", str(a), "--target", "nan"]), "--target must be")
 
 
+def test_runs_of_two_experiments_keep_their_own_lines(experiment, tmp_path):
+    """Line 1 of another experiment is another grid line: runs of several experiments whose line
+    numbers clash are grouped by their flags, not merged by number."""
+    other = tmp_path / "other" / NAMES[0]
+    shutil.copytree(experiment["out"] / NAMES[0], other)
+    info = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**info, "flags": "--lr 9e-3"}))
+    dest = tmp_path / "cmp"
+    dest.mkdir()
+    ok(run([PYTHON, "-m", "ae.report", str(experiment["out"] / NAMES[0]), str(other), "--to", str(dest)]))
+    lines = _table((dest / "report.md").read_text(), "Grid lines, ranked by the worst seed")
+    assert sorted(row[1] for row in lines) == ["`--lr 5e-3`", "`--lr 9e-3`"], lines
+
+
 def test_the_runs_share_one_wandb_group(experiment):
     """The offline W&B runs, read back: one group (the experiment's, kept in sweep.json), names that say
     line and seed, and the grid line, seed and task in the config."""
