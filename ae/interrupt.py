@@ -8,6 +8,11 @@ so `finally` blocks remove temporary files and folders the tool created; a watch
 if that takes longer than `GRACE_S` (a thread stuck in C code, a worker pool). Exit status 128 + the
 signal's number: 130 for SIGINT, 143 for SIGTERM. A second signal ends the process at once.
 
+Python cannot raise out of every frame: a handler that runs inside a ctypes callback (numba's
+compiler calls back into Python) or a `__del__` has its exception printed and dropped. Such a lost
+`Interrupted` reaches `sys.unraisablehook`, which delivers the signal again, without a traceback, so
+that it is raised at the next frame that can propagate it.
+
 This module imports only the standard library's lightest parts: it runs before anything else.
 """
 
@@ -54,6 +59,48 @@ def _at_start_up(signum: int, _frame: object) -> None:
 
 
 _stopping = threading.Event()
+_dropped: list[int] = []  # the signal of a stop a frame dropped, until it is raised again
+_dropped_lock = threading.Lock()  # no resend once the main thread has taken it
+_in_hook = threading.Event()
+
+
+def _deliver_dropped_stop(unraisable: sys.UnraisableHookArgs) -> None:
+    """`sys.unraisablehook` inside `main`: an `Interrupted` that a frame could not propagate (a
+    ctypes callback, a `__del__`) is sent again to the main thread; anything else is printed as usual."""
+    stop = unraisable.exc_value
+    if not isinstance(stop, Interrupted):
+        sys.__unraisablehook__(unraisable)
+        return
+    _in_hook.set()  # a resent signal handled in here would be dropped again: it waits for the next
+    try:
+        with _dropped_lock:
+            first = not _dropped
+            _dropped[:] = [stop.signum]
+        if first:
+            threading.Thread(target=_resend, daemon=True, name="interrupt resend").start()
+    finally:
+        _in_hook.clear()
+
+
+def _resend() -> None:
+    """From another thread, so that the handler runs outside the frame that dropped the stop: send
+    the signal to the main thread until a handler there has raised it (the watchdog bounds it)."""
+    while True:
+        while _in_hook.is_set():  # sent from in there, it would be taken there and wasted
+            time.sleep(0.001)
+        with _dropped_lock:
+            if not _dropped:
+                return
+            signal.pthread_kill(threading.main_thread().ident, _dropped[0])
+        time.sleep(0.01)
+
+
+def _take_dropped_stop() -> int | None:
+    """The signal of a dropped stop, now to be raised again (None: none, or not here in the hook)."""
+    with _dropped_lock:
+        if not _dropped or _in_hook.is_set():
+            return None
+        return _dropped.pop()
 
 
 def _watchdog(signum: int) -> None:
@@ -68,6 +115,11 @@ def _in_main(signum: int, _frame: object) -> None:
 
 def stop_now(signum: int) -> None:
     """Raise `Interrupted` for `signum` in the main thread, with the watchdog (a handler's body)."""
+    if _stopping.is_set() and _dropped:
+        dropped = _take_dropped_stop()
+        if dropped is None:
+            return  # still in the hook that caught it: the next resend raises it
+        raise Interrupted(dropped)  # the same stop again, after a frame dropped it
     if _stopping.is_set():
         _say_and_exit(signum)
     _stopping.set()
@@ -92,12 +144,19 @@ def raise_on_signals() -> Iterator[None]:
             if signal.getsignal(sig) is _at_start_up:
                 signal.signal(sig, _in_main)
                 changed.append(sig)
+    previous_hook = sys.unraisablehook
+    if changed:
+        sys.unraisablehook = _deliver_dropped_stop
     try:
         yield
+        dropped = _take_dropped_stop()
+        if dropped is not None:  # dropped after main's last frame that could raise it: raise it here
+            raise Interrupted(dropped)
     finally:  # `main` is over, its outcome stands: a signal now is ignored (also in the teardown,
         for sig in changed:  # where Python would otherwise restore the default action)
             if signal.getsignal(sig) is _in_main:
                 signal.signal(sig, signal.SIG_IGN)
+        sys.unraisablehook = previous_hook
 
 
 def started_as_module() -> bool:

@@ -145,6 +145,45 @@ def test_data_prep_stops_cleanly_at_ten_random_moments(tiny_data, tmp_path):
     data_prep_outputs_ok(out, 0)
 
 
+DROPPED_STOP = """
+import ctypes, os, signal, time
+from ae.interrupt import stop_on_signals
+stop_on_signals()
+from ae.errors import friendly_errors
+
+
+@friendly_errors
+def main():
+    def callback():  # called from C, as numba's compiler calls back into Python
+        os.kill(os.getpid(), signal.SIG{name})
+        for _ in range(1000):  # the handler runs here: its exception cannot leave the callback
+            pass
+
+    ctypes.CFUNCTYPE(None)(callback)()
+    {after}
+
+
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("after", ["time.sleep(10); print('went on')", "pass  # main ends here"])
+def test_a_signal_inside_a_ctypes_callback_still_stops_the_tool(signum, after):
+    """A stop raised where Python drops exceptions (a ctypes callback; CI saw it in numba's compiler
+    under data_prep, which then finished with exit 0) is raised again in the next frame that can, at
+    the latest when `main` returns: exit 128 + N within 2 s, one line, no traceback."""
+    script = DROPPED_STOP.format(name=signal.Signals(signum).name[3:], after=after)
+    started = time.monotonic()
+    done = subprocess.run(
+        [PYTHON, "-c", script], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode == 128 + signum, (done.returncode, done.stdout, done.stderr)
+    assert "went on" not in done.stdout
+    check_stop("ctypes callback", 0.0, signum, done.returncode, seconds, done.stderr)
+
+
 @pytest.fixture(scope="module")
 def tool_inputs(tmp_path_factory, tiny_data) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("interrupt-inputs")

@@ -104,13 +104,18 @@ class Jobs:
             raise AssertionError(f"{err}\n--- job log:\n{self.log(job_id)[-6000:]}") from None
 
     def wait_for(self, job_id: str, what: str, pred, timeout: float = JOB_TIMEOUT) -> None:
-        """Poll pred() while the job is alive; fail if the job ends first or after timeout."""
+        """Poll pred() while the job is alive; fail if the job ends first or after timeout.
+
+        COMPLETING is not an end: a requeued job passes through it (restarts already counted) on its
+        way back to PENDING, and a job that really ends leaves it for a terminal state."""
         deadline = time.monotonic() + timeout
         while not pred():
             info = self.cluster.info(job_id)
             if info.state not in LIVE and pred():
-                return  # it happened between the two reads (a requeue passes through COMPLETING)
-            assert info.state in LIVE, f"job ended before {what}: {info}\n{self.log(job_id)[-4000:]}"
+                return  # it happened between the two reads
+            assert info.state in (*LIVE, "COMPLETING"), (
+                f"job ended before {what}: {info}\n{self.log(job_id)[-4000:]}"
+            )
             assert time.monotonic() < deadline, (
                 f"no {what} after {timeout}s: {info}\n{self.log(job_id)[-4000:]}"
             )
