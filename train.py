@@ -31,6 +31,10 @@ from ae.launch import (  # noqa: E402
 end_with_parent()  # no orphaned trainers: a launcher's child ends when the launcher does
 relaunch_cpu_processes_if_needed()  # before the heavy imports: it may replace this process
 
+from ae.allocator import keep_step_buffers  # noqa: E402
+
+keep_step_buffers()  # steady CPU step time: a step's buffers are reused, not page-faulted in anew
+
 from ae.config import parse_args  # noqa: E402
 from ae.errors import friendly_errors  # noqa: E402
 from data_prep.missing import prepare_if_missing  # noqa: E402

@@ -40,6 +40,12 @@ INTEGERS: dict[str, tuple[int, int, str]] = {
     "SLURM_NNODES": (1, _BIG, "Slurm: the number of nodes"),
     "SLURM_CPUS_PER_TASK": (1, 4096, "Slurm: CPUs per task"),
     "SLURM_CPUS_ON_NODE": (1, 1 << 16, "Slurm: CPUs on this node"),
+    "MALLOC_MMAP_THRESHOLD_": (
+        0,
+        32 << 20,
+        "glibc: blocks above it get a mapping of their own (ae.allocator)",
+    ),
+    "MALLOC_TRIM_THRESHOLD_": (0, 1 << 62, "glibc: the freed heap kept for reuse (ae.allocator)"),
 }
 # Seconds: variable → (lowest, highest).
 SECONDS: dict[str, tuple[float, float]] = {

@@ -401,6 +401,7 @@ def test_report_input_is_bounded_and_never_overwritten(tmp_path, capsys):
         ({"WANDB_RUN_ID": "a/b"}, "WANDB_RUN_ID='a/b'"),
         ({"WANDB_INIT_TIMEOUT": "soon"}, "WANDB_INIT_TIMEOUT='soon' is not seconds"),
         ({"CIFAR_SOURCE": "/nonexistent/cifar"}, "CIFAR_SOURCE='/nonexistent/cifar' is not the path"),
+        ({"MALLOC_MMAP_THRESHOLD_": "64M"}, "MALLOC_MMAP_THRESHOLD_='64M' is not a whole number in 0.."),
     ],
 )
 def test_e_train_checks_its_environment_before_anything(tiny_data, tmp_path, env, needle):
