@@ -64,6 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "OMP_PROC_BIND": ("true", "false", "master", "primary", "close", "spread"),
     "ACCELERATE_MIXED_PRECISION": ("no", "fp16", "bf16", "fp8"),
     "ACCELERATE_USE_CPU": _BOOL,
+    "CAE_END_WITH_PARENT": _BOOL,
 }
 # Names W&B takes (a run id, project, group): at most this long, none of these characters.
 WANDB_NAMES = {"WANDB_RUN_ID": 64, "WANDB_PROJECT": 128, "WANDB_ENTITY": 128, "WANDB_RUN_GROUP": 128}

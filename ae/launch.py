@@ -25,14 +25,16 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def end_with_parent() -> None:
-    """When started by a launcher (torchrun or `accelerate launch`), get SIGTERM once the parent dies.
+    """When started by a launcher (torchrun or `accelerate launch`) or by `ae.sweep`
+    (`CAE_END_WITH_PARENT=1`), get SIGTERM once the parent dies.
 
     Linux keeps this setting across exec, so it also covers the torchrun agent that
     `relaunch_cpu_processes_if_needed` turns this process into. A trainer started by hand
     (`python train.py`, perhaps under nohup) is left alone.
     """
     env = os.environ
-    if not sys.platform.startswith("linux") or not ("LOCAL_RANK" in env or "ACCELERATE_USE_CPU" in env):
+    launched = "LOCAL_RANK" in env or "ACCELERATE_USE_CPU" in env
+    if not sys.platform.startswith("linux") or not (launched or _true(env.get("CAE_END_WITH_PARENT", ""))):
         return
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -40,6 +42,10 @@ def end_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def exit_without_finalizing() -> None:

@@ -14,11 +14,13 @@ train the same runs. Each run's OUT/.../run.json says which task, line and seed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from typing import Any
 from ae.config import DEFAULT_OUT, parse_args
 from ae.errors import OneLineParser, UserError, check_range, friendly_errors, warn
 from ae.files import atomic_write, read_json
+from ae.interrupt import GRACE_S, Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILE = "run.json"
@@ -271,19 +274,62 @@ def local_group(out: Path, given: str | None) -> str:
     return group
 
 
-def _train_one(run: Run, experiment: Experiment, threads: int | None) -> tuple[Run, int, float]:
-    """Train one run with `python train.py`, its output in OUT/.../train.log; (run, exit code, seconds)."""
+class RunningTrainers:
+    """The train.py processes a local sweep has under way. They end with it: `stop` passes the sweep's
+    signal on to each (SIGTERM: each checkpoints and exits, SIGINT: each stops at once) and starts no
+    more; and each gets SIGTERM from the kernel if the sweep dies (`CAE_END_WITH_PARENT`, see
+    `ae.launch.end_with_parent`; the worker thread that started it lives until it has ended)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = False
+
+    def run(self, cmd: list[str], **popen: Any) -> int | None:
+        """Run `cmd` to its end; its exit code, or None if the sweep is stopping and it did not start."""
+        with self._lock:
+            if self._stopping:
+                return None
+            proc = subprocess.Popen(cmd, **popen)
+            self._running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def stop(self, signum: int, timeout: float) -> None:
+        """Pass `signum` on to every running trainer and wait up to `timeout` s for them to end."""
+        with self._lock:
+            self._stopping = True
+            running = list(self._running)
+        for proc in running:
+            proc.send_signal(signum)
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _train_one(
+    run: Run, experiment: Experiment, threads: int | None, trainers: RunningTrainers
+) -> tuple[Run, int | None, float]:
+    """Train one run with `python train.py`, its output in OUT/.../train.log; (run, exit code or None
+    if it was not started, seconds)."""
     write_run_info(run, experiment.tasks, experiment.grid, experiment.group)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ACCELERATE_"))}
     env.pop("WANDB_RUN_ID", None)  # each run keeps its own id in OUT/.../wandb_run_id.txt
+    env["CAE_END_WITH_PARENT"] = "1"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with (run.out / "train.log").open("ab") as log:
-        rc = subprocess.run(
+        rc = trainers.run(
             [sys.executable, str(REPO / "train.py"), *run.args], env=env, stdout=log, stderr=subprocess.STDOUT
-        ).returncode
+        )
     seconds = time.perf_counter() - started
+    if rc is None:
+        return run, rc, seconds
     info = run_info(run.out) or {}
     attempts = [*info.get("attempts", []), {"exit_code": rc, "wall_s": round(seconds, 1)}]
     write_run_info(run, experiment.tasks, experiment.grid, experiment.group, attempts=attempts)
@@ -309,16 +355,24 @@ def run_locally(experiment: Experiment, parallel: int) -> int:
     cpus = len(os.sched_getaffinity(0))
     threads = None if parallel == 1 or "OMP_NUM_THREADS" in os.environ else max(1, cpus // parallel)
     failed = []
+    trainers = RunningTrainers()
     with ThreadPoolExecutor(parallel) as pool:
         for run in todo:
             print(f"[ae.sweep] {run.describe(experiment.tasks)}", flush=True)
-        for run, rc, seconds in pool.map(lambda r: _train_one(r, experiment, threads), todo):
-            state = "finished" if rc == 0 and is_finished(run.out) else f"failed (exit {rc})"
-            print(
-                f"[ae.sweep] {run.name}: {state} in {seconds:.0f} s; log {run.out / 'train.log'}", flush=True
-            )
-            if state != "finished":
-                failed.append(run)
+        try:
+            for run, rc, seconds in pool.map(lambda r: _train_one(r, experiment, threads, trainers), todo):
+                state = "finished" if rc == 0 and is_finished(run.out) else f"failed (exit {rc})"
+                print(
+                    f"[ae.sweep] {run.name}: {state} in {seconds:.0f} s; log {run.out / 'train.log'}",
+                    flush=True,
+                )
+                if state != "finished":
+                    failed.append(run)
+        except Interrupted as stop:  # the runs under way stop with the sweep; a rerun resumes them
+            pool.shutdown(wait=False, cancel_futures=True)
+            trainers.stop(stop.signum, timeout=GRACE_S - 0.3)
+            lock.release()
+            raise
     lock.release()
     if failed:
         names = ", ".join(f"{r.name} ({r.out / 'train.log'})" for r in failed)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +344,73 @@ def test_the_tuning_record_adds_the_bottleneck_to_the_reports_rows(experiment, t
     result = run([PYTHON, script, str(out), "--data", str(experiment["data"]), "--to", str(metrics_file)])
     assert_one_line_error(result, "would overwrite the input")
     assert metrics_file.read_bytes() == before
+
+
+def _holder_pid(out: Path) -> int | None:
+    """The pid named by a run's train.lock while a trainer holds it."""
+    try:
+        return json.loads((out / "train.lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_stopped_sweep_takes_its_running_trainer_with_it(tiny_data, tmp_path, signum):
+    """A signal to the sweep while its first run trains: that trainer ends too (SIGTERM: after a
+    checkpoint; SIGKILL of the sweep: the kernel's SIGTERM to the trainer does it), the second run
+    never starts, and the sweep (SIGTERM/SIGINT) is gone within 2 s with one line. Negative control
+    seen: before this, the trainer trained on to its end as an orphan."""
+    out = tmp_path / "exp"
+    cmd = [
+        *(PYTHON, "-m", "ae.sweep", "--seeds", "2", "--out", str(out), "--data", str(tiny_data)),
+        *(
+            "--max-steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "100000",
+            "--wandb-mode",
+            "disabled",
+        ),
+    ]
+    sweep = subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    first = out / "seed-0"
+    try:
+        deadline = time.monotonic() + 180
+        while (
+            not (metrics(first) if (first / "metrics.jsonl").exists() else []) and time.monotonic() < deadline
+        ):
+            assert sweep.poll() is None, sweep.communicate()
+            time.sleep(0.2)
+        trainer = _holder_pid(first)
+        assert trainer, "no trainer holds seed-0's lock"
+        sent = time.monotonic()
+        sweep.send_signal(signum)
+        _, stderr = sweep.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert _gone(trainer, timeout=15), f"trainer {trainer} outlived the sweep"
+    assert not (out / "seed-1" / "train.log").exists(), "the second run started after the signal"
+    if signum == signal.SIGKILL:
+        assert sweep.returncode == -signal.SIGKILL
+    else:
+        assert sweep.returncode == 128 + signum and took < 2.0, (sweep.returncode, took, stderr)
+        assert "Traceback" not in stderr
+        assert [ln for ln in stderr.splitlines() if ln.startswith("error:")] == [
+            f"error: interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept "
+            "(rerun the same command to start again)"
+        ], stderr
+    if signum != signal.SIGINT:  # the trainer's SIGTERM is its graceful stop: a checkpoint to resume from
+        assert list((first / "checkpoints").glob("step_*")), "no checkpoint from the trainer's stop"
