@@ -60,6 +60,14 @@ def plan_run(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) -> Run
             f"--epochs {cfg.epochs} at {steps_per_epoch} steps per epoch is {readable(total)} steps, more "
             f"than the {readable(STEPS_MAX)} a run may have: use fewer --epochs, or --max-steps"
         )
+    if cfg.profile is not None:
+        from ae.profiling import SKIP_STEPS
+
+        if total <= SKIP_STEPS:
+            raise UserError(
+                f"--profile {cfg.profile} traces steps after the first {SKIP_STEPS} (the CUDA graph's warm-up "
+                f"and capture), but this run has {readable(total)}: give it at least {SKIP_STEPS + 1} steps"
+            )
     return RunPlan(
         train_images=train_images,
         val_images=cfg.val_split,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ae.errors import warn
 from ae.fast import WARMUP_STEPS
 from ae.files import atomic_write, write_failure
 
@@ -54,6 +55,11 @@ class StepProfiler:
         """Write the trace and the table (also when the run ended before the last profiled step)."""
         profiler, self.profiler, self.done = self.profiler, None, True
         if profiler is None:
+            if self.steps is not None and not self.profiled:  # a resumed run's last few steps
+                warn(
+                    f"--profile {self.steps}: nothing traced; this process ran {self.seen} steps, and the "
+                    f"trace starts after its first {SKIP_STEPS}"
+                )
             return
         if self.device_type == "cuda":
             torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import torch
 from ae import fast
 from ae.fast import StepPathLog, current_stream_kept
 from ae.schedule import LRSchedule
-from tests.helpers import metrics, ok, train, wandb_inspect
+from tests.helpers import assert_one_line_error, metrics, ok, train, wandb_inspect
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,19 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was(monkeypatch):
     with current_stream_kept():  # nothing to restore
         pass
     assert current[0] == "main"
+
+
+def test_a_profile_that_cannot_trace_a_step_is_never_silent(tiny_data, tmp_path):
+    """A run too short to reach the traced steps is refused before --out exists; a resumed run whose
+    few remaining steps end before them says that nothing was traced."""
+    out = tmp_path / "out"
+    refused = train("--data", str(tiny_data), "--out", str(out), "--max-steps", "5", "--profile", "3")
+    assert_one_line_error(refused, "--profile 3", "give it at least 6 steps")
+    assert not out.exists()
+
+    flags = ("--data", str(tiny_data), "--out", str(out), "--batch-size", "16", "--wandb-mode", "disabled")
+    ok(train(*flags, "--max-steps", "4"))
+    result = ok(train(*flags, "--max-steps", "8", "--profile", "3"))
+    assert "resuming from" in result.stdout
+    assert "--profile 3: nothing traced; this process ran 4 steps" in result.stderr
+    assert not (out / "profile").exists()
