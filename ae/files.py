@@ -35,10 +35,10 @@ def require_regular_file(path: Path) -> None:
         raise ValueError("not a regular file (a folder, FIFO or device)")
 
 
-def parse_json(text: str | bytes) -> Any:
-    """json.loads, with pathological nesting a ValueError like any other malformed JSON."""
+def parse_json(text: str | bytes, **options: Any) -> Any:
+    """json.loads (with `options`), with pathological nesting a ValueError like any other malformed JSON."""
     try:
-        return json.loads(text)
+        return json.loads(text, **options)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

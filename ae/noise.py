@@ -7,10 +7,12 @@ resumed run draws exactly what an uninterrupted one would, with no generator sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ae.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where noise is drawn: parsing a flag (ae.config) stays light
+    import torch
 
 KINDS = ("gaussian", "saltpepper")
 
@@ -25,6 +27,8 @@ class Corruption:
 
     def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Corrupt images in [0, 1]; the result stays in [0, 1]."""
+        import torch
+
         if self.kind == "gaussian":
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return (x + self.amount * noise).clamp_(0.0, 1.0)
@@ -61,6 +65,8 @@ def parse_noise(spec: str | None) -> Corruption | None:
 
 def noise_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
     """A generator whose draws depend only on (seed, rank, step)."""
+    import torch
+
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1))
     return generator

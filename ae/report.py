@@ -31,6 +31,7 @@ from ae.files import atomic_write, made_folder, parse_json, refuse_overwriting
 REPORT_DIR = "report"
 MAX_STEP = 2**53  # steps and values beyond a float's exact range are not a run's
 MAX_METRICS_BYTES = 256 << 20  # a 100-epoch run logging every step writes about 10 MB
+MAX_LINE_BYTES = 64 << 10  # train.py's records are under 1 KB
 PLOTS = ("loss", "psnr", "speed")
 # What a value may be, by the last part of its key ("test/psnr_db" → "psnr_db"); NaN (a window whose
 # every step was non-finite) is kept. Other numeric keys: within ±OTHER_LIMIT.
@@ -82,19 +83,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             "is it a metrics.jsonl written by train.py?"
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        lines, too_long, torn_tail = _read_lines(path)
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or " ".join(str(err).split())
         raise UserError(f"cannot read {path} ({reason}): the file is corrupt; {hint}") from None
-    lines = text.split("\n")
-    torn_tail = not text.endswith("\n")
     records = []
     torn: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = parse_json(line)
+            record = parse_json(line, parse_int=_int_or_float)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             step = record.get("step")
@@ -111,6 +110,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 f"{path} line {number} is not a metrics record ({reason}): the file is corrupt"
             ) from None
         records.append(record)
+    if too_long:
+        warn(
+            f"{path}: leaving out {too_long} line(s) longer than {MAX_LINE_BYTES:,} bytes (train.py writes "
+            "none); the report is without them"
+        )
     if torn:
         evaluations = sum('"test/' in line or '"val/' in line for line in torn)
         last = ", the unfinished last line among them" if torn_tail and torn[-1] == lines[-1] else ""
@@ -122,6 +126,30 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not records:
         raise UserError(f"{path} has no metrics records yet: let the run reach its first log step, or {hint}")
     return records
+
+
+def _read_lines(path: Path) -> tuple[list[str], int, bool]:
+    """The file's lines (without newlines), how many longer than MAX_LINE_BYTES were read past
+    without being kept (memory stays bounded by the line limit), and whether the last line is
+    unfinished (no newline)."""
+    lines: list[str] = []
+    too_long = 0
+    with path.open("rb") as file:
+        while line := file.readline(MAX_LINE_BYTES + 1):
+            if len(line) > MAX_LINE_BYTES:
+                while line and not line.endswith(b"\n"):
+                    line = file.readline(MAX_LINE_BYTES + 1)
+                too_long += 1
+                continue
+            lines.append(line.decode("utf-8"))
+    torn_tail = bool(lines) and not lines[-1].endswith("\n")
+    return [line.rstrip("\n") for line in lines], too_long, torn_tail
+
+
+def _int_or_float(text: str) -> int | float:
+    """A JSON integer: an int, or past 20 digits a float (a value out of any range, left out with a
+    warning, rather than Python's "exceeds the limit for integer string conversion")."""
+    return int(text) if len(text) <= 20 else float(text)
 
 
 def _cut_record(line: str) -> bool:

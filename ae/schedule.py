@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ae.errors import STEPS_MAX, UserError, readable
+
+if TYPE_CHECKING:  # parsing a flag (ae.config) does not import torch
+    import torch
 
 SCHEDULES = ("constant", "onecycle", "cosine")
 
@@ -85,7 +87,7 @@ class LRSchedule:
         value = self.at(step)
         for group in optimizer.param_groups:
             lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
+            if hasattr(lr, "fill_"):  # a device tensor (the CUDA graph's capturable Adam)
                 lr.fill_(value)
             else:
                 group["lr"] = value

@@ -760,6 +760,33 @@ def test_j_a_cut_metrics_line_never_loses_an_evaluation_row_silently(tmp_path, c
     assert "last at step 21" in (run_dir / "report.md").read_text()
 
 
+def test_j_report_leaves_out_huge_lines_and_numbers_in_bounded_memory(tmp_path):
+    """A 48 MB line is read past in 64 KiB pieces and a 30,000-digit value is an out-of-range value:
+    both left out with a warning that counts them; the report is written, and its peak memory is
+    within 16 MiB of a clean run's (before: the whole file, and its lines, were held at once, and the
+    number was "the file is corrupt")."""
+    rows = _rows()
+    (tmp_path / "clean").mkdir()
+    clean = _run_folder(tmp_path / "clean", rows)
+    text = "".join(json.dumps(r) + "\n" for r in rows[:5])
+    text += '{"step": 6, "epoch": 1, "train/loss": ' + "9" * (48 << 20) + "}\n"
+    text += '{"step": 7, "epoch": 1, "train/loss": ' + "9" * 30_000 + "}\n"
+    text += "".join(json.dumps(r) + "\n" for r in rows[7:])
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "metrics.jsonl").write_text(text)
+    peaks = {}
+    for name, folder in (("clean", clean), ("huge", huge)):
+        result, peaks[name] = run_measured(PYTHON, "-m", "ae.report", folder)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 2, warnings
+    assert "leaving out 1 line(s) longer than 65,536 bytes" in warnings[0], warnings
+    assert "left out values outside their range on 1 line(s) (train/loss)" in warnings[1], warnings
+    assert "last at step 20" in (huge / "report.md").read_text()
+    assert peaks["huge"] - peaks["clean"] < 16, peaks
+
+
 @pytest.mark.parametrize(
     ("h", "w"), [(3000, 4002), pytest.param(12000, 12000, marks=pytest.mark.slow, id="12000x12000")]
 )
