@@ -154,6 +154,11 @@ def check_image(path: Path) -> tuple[int, int]:
             return image.size
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         raise UserError(f"cannot open {path} ({err.strerror}): check the path") from None
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path} claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, more than Pillow decodes "
+            "(a guard against decompression bombs): downscale it first, or split it into parts"
+        ) from None
     except Exception as err:
         raise UserError(
             f"{path} is not an image Pillow can read ({type(err).__name__}: {_one_line(err)})"

@@ -3,6 +3,9 @@ bad inputs and bad weights are one-line errors. Also `ae.weights.load_model`'s c
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +165,23 @@ def test_bad_image_file_is_a_one_line_error(model_file, tmp_path):
         [PYTHON, "-m", "ae.reconstruct", "--model", str(model_file), "--out", str(tmp_path / "o"), str(fake)]
     )
     assert_one_line_error(result, str(fake))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_from_its_header(model_file, tmp_path):
+    """A PNG header of 20000x20000 (a decompression bomb needs no more than that to be opened): one line
+    that says to downscale, before any pixel is decoded or anything written."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    result = run(
+        [PYTHON, "-m", "ae.reconstruct", "--model", str(model_file), "--out", str(tmp_path / "o"), str(bomb)]
+    )
+    assert_one_line_error(result, str(bomb), "claims more than", "downscale it first")
     assert not (tmp_path / "o").exists()
 
 
