@@ -9,7 +9,10 @@ profiles the steps it has after the skipped ones.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +24,13 @@ from ae.files import atomic_write, write_failure
 
 SKIP_STEPS = WARMUP_STEPS + 2
 TOP_OPS = 15
+
+
+def _export_failed(folder: Path) -> OSError:
+    """Why torch.profiler wrote no trace in `folder`, as far as can be told: a full disk, or unknown."""
+    if shutil.disk_usage(folder).free < 1 << 20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, "torch.profiler wrote no trace (see its log lines above)")
 
 
 class StepProfiler:
@@ -66,15 +76,21 @@ class StepProfiler:
         profiler.__exit__(None, None, None)
         if not self.profiled:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / f"trace_rank{self.rank}.json"
-        partial = trace.with_name(f".{trace.name}.{os.getpid()}.tmp")
-        try:  # torch writes the trace itself: a temporary file renamed into place, as atomic_file does
-            profiler.export_chrome_trace(str(partial))
-            partial.replace(trace)
+        staging = None
+        try:  # torch writes the trace itself, with temporary files of its own: in a folder of ours
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{trace.name}."))
+            exported = staging / trace.name
+            profiler.export_chrome_trace(str(exported))
+            if not exported.is_file() or not exported.stat().st_size:  # torch only logs its failures
+                raise _export_failed(self.folder)
+            exported.replace(trace)
         except OSError as err:
-            partial.unlink(missing_ok=True)
             raise write_failure(err, "the profile trace", trace) from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         sort = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
         top = profiler.key_averages().table(sort_by=sort, row_limit=TOP_OPS)
         atomic_write(self.folder / f"top_ops_rank{self.rank}.txt", top.encode())

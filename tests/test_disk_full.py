@@ -191,3 +191,19 @@ def test_training_with_a_full_reconstructions_folder_ends_in_one_line_and_resume
 
 def _without_progress(stderr: str) -> str:
     return "\n".join(line for line in stderr.replace("\r", "\n").splitlines() if "%|" not in line)
+
+
+def test_a_profile_trace_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_data, tmp_path):
+    """torch.profiler writes the trace itself and only logs its failures: the trainer checks what it
+    wrote, says the disk is full in one line, exits 2, and leaves none of torch's temporary files."""
+    out = tmp_path / "out"
+    flags = ["--batch-size", "8", "--max-steps", "10", "--profile", "2", "--wandb-mode", "disabled"]
+    with small_tmpfs(out / "profile", "64k"):
+        fill_up(out / "profile")
+        result = train("--data", tiny_data, "--out", out, *flags)
+        left = sorted(p.name for p in (out / "profile").iterdir())
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert full_disk_line(errors[0], out / "profile" / "trace_rank0.json").startswith("the profile trace")
+    assert left == ["filler"], left
