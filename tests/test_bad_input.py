@@ -361,7 +361,7 @@ def test_d_failed_runs_leave_no_folder_they_created(model_file, tiny_data, tmp_p
 def test_report_input_is_bounded_and_never_overwritten(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.6}\n' + "[" * 100_000 + "\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.6}\n' + "[" * 50_000 + "\n")
     before = tree(tmp_path)
     line = cli_error(capsys, report_main, run_dir)
     assert "metrics.jsonl line 2" in line and "nested too deeply" in line
