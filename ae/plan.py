@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ae.errors import STEPS_MAX, UserError, readable
-from ae.schedule import warmup_steps
+from ae.schedule import run_point_steps, warmup_steps
 
 if TYPE_CHECKING:
     from ae.config import TrainConfig
@@ -60,6 +60,8 @@ def plan_run(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) -> Run
             f"--epochs {cfg.epochs} at {steps_per_epoch} steps per epoch is {readable(total)} steps, more "
             f"than the {readable(STEPS_MAX)} a run may have: use fewer --epochs, or --max-steps"
         )
+    if cfg.average != "none":  # the point `ae.optim.build_average` starts from must lie in the run
+        run_point_steps("--average-start", cfg.average_start, total)
     if cfg.profile is not None:
         from ae.profiling import SKIP_STEPS
 

@@ -634,6 +634,14 @@ def test_i_val_split_cannot_bypass_the_batch_size_limit(tiny_data, tmp_path):
     assert not out.exists()  # nor train.lock
 
 
+def test_i_an_average_starting_after_the_run_leaves_no_out_folder(tiny_data, tmp_path):
+    """Found in round 3 (my own cases): refused, but only after --out and train.lock were created."""
+    out = tmp_path / "out"
+    flags = ["--batch-size", "16", "--average", "swa", "--average-start", "50", "--max-steps", "10"]
+    assert_one_line_error(train("--data", tiny_data, "--out", out, *flags), "--average-start 50")
+    assert not out.exists()
+
+
 def _manifest(count: int) -> dict:
     return {"splits": {"train": {"count": count}}}
 
@@ -650,6 +658,8 @@ def _manifest(count: int) -> dict:
         (["--val-split", "256"], 256, "--val-split 256 leaves no training images"),
         (["--batch-size", "300"], 256, "--batch-size 300 is larger than the 256"),
         (["--epochs", "1000000", "--batch-size", "1"], 50_000, "is 5e+10 steps, more than the 1000000000"),
+        (["--average", "swa", "--average-start", "50", "--max-steps", "10"], 256, "--average-start 50 is 50"),
+        (["--profile", "3", "--max-steps", "5"], 256, "give it at least 6 steps"),
     ],
 )
 def test_i_derived_numbers_are_checked_against_each_other(tmp_path, flags, count, needle):
