@@ -38,6 +38,7 @@ def check_data(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
     device = accelerator.device
     memory = torch.tensor([free_memory(device, local_processes())], device=device)
     plan = plan_run(cfg, manifest, accelerator.num_processes)  # every derived number, before --out
+    data_workers(cfg.data_workers, local_processes())  # so is --data-workers against the usable CPUs
     check_batch_size(
         cfg.batch_size,
         plan.images_per_process,
